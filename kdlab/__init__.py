@@ -1,0 +1,1 @@
+"""kdlab: a knowledge-distillation lab for causal language models."""

@@ -1,0 +1,196 @@
+"""Token-level objectives (METHODS.md section 1) as pure functions and one Hydra-built callable.
+
+Every pure function maps ``(student_logits, teacher_logits, labels, *, temperature, <param>)``
+to per-token values of shape (B, T), zero where ``labels == IGNORE_INDEX`` (``labels=None``
+counts every position). Teacher distribution p = softmax(z_T/τ), student q = softmax(z_S/τ).
+Logs are always taken from ``log_softmax``; a term p·log p with p = 0 (a teacher logit of -inf,
+e.g. a padded vocabulary entry) counts as 0 rather than 0·(-inf) = NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
+
+LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
+
+
+def _valid(values: Tensor, labels: Tensor | None) -> Tensor:
+    if labels is None:
+        return values
+    return torch.where(labels != IGNORE_INDEX, values, torch.zeros_like(values))
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a‖b) = Σ_v a (log a − log b) over the last dim, with 0·log 0 = 0."""
+    a = log_a.exp()
+    terms = torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a))
+    return terms.sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1−w)·b) computed stably from log a and log b."""
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return log_q, log_p
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """``ce``: −log q(y_t) per token (plain SFT / LM loss), 0 at ignored positions."""
+    per_token = F.cross_entropy(
+        student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return per_token.view(labels.shape)
+
+
+def forward_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
+    """``fkl``: KL(p‖q) = Σ_v p log(p/q) — Hinton et al. 2015 KD (METHODS.md §1)."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _valid(_kl(log_p, log_q), labels)
+
+
+def reverse_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
+    """``rkl``: KL(q‖p) = Σ_v q log(q/p) (METHODS.md §1)."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _valid(_kl(log_q, log_p), labels)
+
+
+def generalized_jsd(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
+    """``jsd``: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q — GKD (Agarwal et al. 2024, Eq. for JSD(β)).
+
+    β = 0.5 is the Jensen–Shannon divergence. As in TRL's ``generalized_jsd_loss`` (the
+    reference named in METHODS.md), the end points return the divergences the family tends to
+    after dividing by its vanishing weight: β = 0 gives forward KL(p‖q), β = 1 reverse KL(q‖p)
+    (JSD(β)/β → KL(p‖q) as β → 0).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    if beta == 0.0:
+        values = _kl(log_p, log_q)
+    elif beta == 1.0:
+        values = _kl(log_q, log_p)
+    else:
+        log_m = _log_mix(log_p, log_q, beta)
+        values = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return _valid(values, labels)
+
+
+def skew_forward_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
+    """``skl``: KL(p ‖ αp + (1−α)q) — DistiLLM (Ko et al. 2024, skew KL, Eq. 4); α = 0 is forward KL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skl alpha must be in [0, 1), got {alpha}")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _valid(_kl(log_p, _log_mix(log_p, log_q, alpha)), labels)
+
+
+def skew_reverse_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0, alpha: float = 0.1) -> Tensor:
+    """``srkl``: KL(q ‖ αq + (1−α)p) — DistiLLM (Ko et al. 2024, skew reverse KL); α = 0 is reverse KL."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"srkl alpha must be in [0, 1), got {alpha}")
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _valid(_kl(log_q, _log_mix(log_q, log_p, alpha)), labels)
+
+
+def total_variation(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
+    """``tvd``: ½ Σ_v abs(p − q) (METHODS.md §1)."""
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    return _valid(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), labels)
+
+
+class CrossEntropy:
+    """``loss=ce``: the student trained on the labels alone (the SFT baseline); needs no teacher."""
+
+    needs_teacher = False
+
+    def __call__(self, batch: KDBatch) -> LossOutput:
+        per_token = cross_entropy(batch.student_logits, batch.labels)
+        loss = masked_mean(per_token, batch.mask, batch.num_tokens)
+        return LossOutput(loss=loss, logs={"ce": loss.detach()}, per_token=per_token.detach())
+
+
+class TokenKD:
+    """A token-level divergence at temperature τ, optionally mixed with ``ce``.
+
+    L = masked_mean(τ^s · D(p_τ, q_τ)) + ce_weight · masked_mean(−log q(y)), where s = 2 when
+    ``scale_by_temperature_squared`` (Hinton et al. 2015 keep gradient magnitudes comparable
+    across τ that way) and 0 otherwise. ``divergence`` is one of this module's pure functions,
+    given by Hydra as a partial carrying its own parameter (β or α).
+    """
+
+    needs_teacher = True
+
+    def __init__(
+        self,
+        divergence: Callable[..., Tensor],
+        temperature: float = 1.0,
+        scale_by_temperature_squared: bool = False,
+        ce_weight: float = 0.0,
+    ):
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        if ce_weight < 0:
+            raise ValueError(f"loss.ce_weight must be >= 0, got {ce_weight}")
+        self.divergence = divergence
+        self.temperature = temperature
+        self.scale = temperature**2 if scale_by_temperature_squared else 1.0
+        self.ce_weight = ce_weight
+
+    def __call__(self, batch: KDBatch) -> LossOutput:
+        if batch.teacher_logits is None:
+            raise ValueError("TokenKD needs teacher logits; the module passed none")
+        per_token = self.scale * self.divergence(
+            batch.student_logits, batch.teacher_logits, batch.labels, temperature=self.temperature
+        )
+        kd = masked_mean(per_token, batch.mask, batch.num_tokens)
+        logs = {"kd": kd.detach()}
+        loss = kd
+        if self.ce_weight > 0:
+            ce_per_token = cross_entropy(batch.student_logits, batch.labels)
+            ce = masked_mean(ce_per_token, batch.mask, batch.num_tokens)
+            logs["ce"] = ce.detach()
+            loss = loss + self.ce_weight * ce
+            per_token = per_token + self.ce_weight * ce_per_token
+        return LossOutput(loss=loss, logs=logs, per_token=per_token.detach())
+
+
+def available_losses() -> list[str]:
+    return sorted(path.stem for path in LOSS_CONFIG_DIR.glob("*.yaml"))
+
+
+def load_loss(name_or_cfg) -> Callable[[KDBatch], LossOutput]:
+    """Build a loss from ``conf/loss/<name>.yaml`` or from a ``_target_`` mapping.
+
+    Lets a composite objective take another objective by its config name
+    (``loss=rlkd loss.base=tvd``) through the same files Hydra composes, not a code registry.
+    """
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if callable(name_or_cfg):
+        return name_or_cfg
+    if isinstance(name_or_cfg, str):
+        path = LOSS_CONFIG_DIR / f"{name_or_cfg}.yaml"
+        if not path.is_file():
+            raise ValueError(f"unknown loss {name_or_cfg!r}; valid names: {', '.join(available_losses())}")
+        cfg = OmegaConf.load(path)
+        cfg.pop("defaults", None)
+        return instantiate(cfg)
+    return instantiate(name_or_cfg)

@@ -1,0 +1,230 @@
+"""DistillModule: a frozen teacher, a student, and one pluggable loss callable.
+
+The module never knows which loss it holds: it runs the forwards, hands a :class:`KDBatch` to
+the loss and logs the :class:`LossOutput`. Evaluation (per-domain perplexity, greedy exact
+match, teacher–student agreement) runs in every validation and test pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from kdlab.losses.base import IGNORE_INDEX, KDBatch
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _DomainEval(torch.nn.Module):
+    """Per-domain perplexity and exact match of one model, accumulated over an eval pass."""
+
+    def __init__(self, num_domains: int):
+        super().__init__()
+        self.ppl = torch.nn.ModuleList(Perplexity(ignore_index=IGNORE_INDEX) for _ in range(num_domains))
+        self.exact = torch.nn.ModuleList(MeanMetric() for _ in range(num_domains))
+        self.all_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def update_ppl(self, logits: Tensor, labels: Tensor, domain: Tensor) -> None:
+        self.all_ppl.update(logits.float(), labels)
+        for d, metric in enumerate(self.ppl):
+            rows = domain == d
+            if rows.any():
+                metric.update(logits[rows].float(), labels[rows])
+
+    def compute(self, domains: list[str], prefix: str, with_exact: bool) -> dict[str, Tensor]:
+        out = {f"{prefix}ppl": self.all_ppl.compute()}
+        for d, name in enumerate(domains):
+            ppl = self.ppl[d].compute()
+            out[f"{name}/{prefix}ppl"] = ppl
+            out[f"{name}/{prefix}loss"] = ppl.log()
+        if with_exact:
+            scores = [self.exact[d].compute() for d in range(len(domains))]
+            for name, score in zip(domains, scores):
+                out[f"{name}/{prefix}exact_match"] = score
+            out[f"{prefix}exact_match"] = torch.stack(scores).mean()
+        return out
+
+    def reset(self) -> None:
+        for m in [*self.ppl, *self.exact, self.all_ppl]:
+            m.reset()
+
+
+class DistillModule(L.LightningModule):
+    """Distils ``teacher`` into ``student`` with ``loss`` (any callable over a KDBatch).
+
+    The teacher is frozen (no gradients, always in eval mode, run under ``no_grad``) and is
+    stripped from every checkpoint; only the student is optimised, with AdamW and a linear
+    warmup + cosine learning-rate schedule. ``vocab_size`` truncates both models' logits to the
+    vocabulary they share (see ``kdlab.models.distillation_vocab_size``).
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher,
+        loss,
+        tokenizer,
+        vocab_size: int | None = None,
+        lr: float = 3e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        generate_in_validation: bool = True,
+    ):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.loss = loss
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.generate_in_validation = generate_in_validation
+        self.strict_loading = False  # checkpoints hold no teacher weights
+        self.teacher_val_ppl: dict[str, float] | None = None  # the frozen teacher's, measured once
+        self._evals: torch.nn.ModuleDict | None = None
+
+    # -- the frozen teacher -------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher stays in eval
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    # -- forwards -----------------------------------------------------------------------------
+    def _logits(self, model, batch: dict) -> Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits if self.vocab_size is None else logits[..., : self.vocab_size]
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict) -> Tensor:
+        return self._logits(self.teacher, batch)
+
+    def _num_tokens(self, labels: Tensor) -> Tensor:
+        # DDP averages gradients over ranks, so dividing each rank's sum by the mean count across
+        # ranks makes the step the global token mean (METHODS.md §1, one shared reduction).
+        count = (labels != IGNORE_INDEX).sum().float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")
+        return count
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        needs_teacher = getattr(self.loss, "needs_teacher", True)
+        kd_batch = KDBatch(
+            student_logits=self._logits(self.student, batch),
+            teacher_logits=self.teacher_logits(batch) if needs_teacher else None,
+            labels=batch["labels"],
+            domain=batch["domain"],
+            num_tokens=self._num_tokens(batch["labels"]),
+        )
+        out = self.loss(kd_batch)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
+        return out.loss
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @property
+    def domains(self) -> list[str]:
+        return self.trainer.datamodule.domains
+
+    def _eval_for(self, key: str) -> _DomainEval:
+        if self._evals is None:
+            self._evals = torch.nn.ModuleDict({k: _DomainEval(len(self.domains)) for k in ("student", "teacher")}).to(self.device)
+        return self._evals[key]
+
+    @torch.no_grad()
+    def generate(self, model, batch: dict) -> list[str]:
+        """Greedy continuations of the batch's left-padded prompts, decoded up to ``<eos>``."""
+        tok = self.tokenizer
+        out = model.generate(
+            input_ids=batch["prompt_ids"],
+            attention_mask=batch["prompt_mask"],
+            max_new_tokens=self.trainer.datamodule.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        new = out[:, batch["prompt_ids"].shape[1] :].tolist()
+        return [tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids, skip_special_tokens=True).strip() for ids in new]
+
+    def _score_generations(self, model, batch: dict, split: str, evaluator: _DomainEval) -> None:
+        outputs = self.generate(model, batch)
+        dm = self.trainer.datamodule
+        for output, index, domain in zip(outputs, batch["index"].tolist(), batch["domain"].tolist()):
+            evaluator.exact[domain].update(float(dm.check(split, index, output)))
+
+    def _eval_step(self, batch: dict, split: str, with_teacher: bool, with_exact: bool) -> None:
+        evaluator = self._eval_for("student")
+        evaluator.update_ppl(self._logits(self.student, batch), batch["labels"], batch["domain"])
+        if with_exact:
+            self._score_generations(self.student, batch, split, evaluator)
+        if with_teacher and self.teacher is not None:
+            teacher_eval = self._eval_for("teacher")
+            teacher_eval.update_ppl(self.teacher_logits(batch), batch["labels"], batch["domain"])
+            if with_exact:
+                self._score_generations(self.teacher, batch, split, teacher_eval)
+
+    def _eval_epoch_end(self, split: str, with_teacher: bool, with_exact: bool) -> dict[str, Tensor]:
+        student = self._eval_for("student")
+        metrics = student.compute(self.domains, "", with_exact)
+        student.reset()
+        if with_teacher and self.teacher is not None:
+            teacher = self._eval_for("teacher")
+            metrics.update(teacher.compute(self.domains, "teacher_", with_exact))
+            teacher.reset()
+        metrics["loss"] = metrics["ppl"].log()
+        self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", with_teacher=self.teacher_val_ppl is None, with_exact=self.generate_in_validation)
+
+    def on_validation_epoch_end(self) -> None:
+        with_teacher = self.teacher_val_ppl is None
+        metrics = self._eval_epoch_end("val", with_teacher, self.generate_in_validation)
+        if with_teacher and self.teacher is not None and not self.trainer.sanity_checking:
+            self.teacher_val_ppl = {d: float(metrics[f"{d}/teacher_ppl"]) for d in self.domains}
+        if self.teacher_val_ppl is not None and not with_teacher:
+            # the cached teacher values, logged beside every validation for side-by-side curves
+            self.log_dict({f"val/{d}/teacher_ppl": v for d, v in self.teacher_val_ppl.items()})
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", with_teacher=True, with_exact=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", with_teacher=True, with_exact=True)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=self.betas,
+        )
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, total, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,83 @@
+"""The comparison table printed and saved (``summary.csv``) at the end of a sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLUMNS = ("test/exact_match", "test/ppl")
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One row per finished job of a sweep folder: its overrides and final metrics.
+
+    A job without ``metrics.json`` (it failed or is still running) is listed with its status so
+    that a failed job is visible in the table rather than silently missing.
+    """
+    rows = []
+    for job in sorted(Path(sweep_dir).iterdir(), key=lambda p: p.name):
+        overrides = job / ".hydra" / "overrides.yaml"
+        if not overrides.is_file():
+            continue
+        row = {"job": job.name, "overrides": " ".join(OmegaConf.load(overrides))}
+        metrics = job / "metrics.json"
+        if metrics.is_file():
+            row.update(json.loads(metrics.read_text()))
+        else:
+            row["status"] = "no metrics.json (failed or unfinished)"
+        rows.append(row)
+    return rows
+
+
+def teacher_row(rows: list[dict]) -> dict | None:
+    """The teacher's test metrics, read off any job (the teacher is the same in every job)."""
+    for row in rows:
+        teacher = {k.replace("teacher_", ""): v for k, v in row.items() if "/teacher_" in k or k.startswith("test/teacher_")}
+        if teacher:
+            return {"job": "teacher", "overrides": "(reference)", **teacher}
+    return None
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    header = ["job", "overrides", *columns]
+    cells = [[str(r.get("job", "")), str(r.get("overrides", ""))] + [_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def summarize(sweep_dir: str | Path) -> str:
+    """Write ``summary.csv`` into ``sweep_dir`` and return the printable table."""
+    rows = collect(sweep_dir)
+    reference = teacher_row(rows)
+    student_rows = [{k: v for k, v in r.items() if "teacher_" not in k} for r in rows]
+    table_rows = student_rows + ([reference] if reference else [])
+    test_domains = sorted({k for r in student_rows for k in r if k.startswith("test/") and k.endswith("/exact_match")})
+    columns = [*DEFAULT_COLUMNS, *test_domains]
+    all_keys = ["job", "overrides", *sorted({k for r in table_rows for k in r} - {"job", "overrides"})]
+    with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=all_keys)
+        writer.writeheader()
+        writer.writerows(table_rows)
+    return format_table(table_rows, columns)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, print the comparison table and save summary.csv."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = summarize(sweep_dir)
+        print(f"\nSweep summary ({sweep_dir / 'summary.csv'}):\n{table}\n", flush=True)

@@ -1,0 +1,89 @@
+"""Distil a teacher into a student: seed → build → fit → test → export.
+
+    python -m kdlab.train                              # one run on the built-in suite
+    python -m kdlab.train -m loss=ce,fkl,rkl,jsd       # a sweep; prints and saves summary.csv
+    python -m kdlab.train loss=jsd loss.divergence.beta=0.9 trainer.max_steps=2000 logger=csv
+
+Each run folder (outputs/runs/... or outputs/sweeps/.../<job>) holds ``metrics.json`` (final
+val/test metrics), ``student/`` (the student and tokenizer, loadable with
+``AutoModelForCausalLM.from_pretrained``) and the logger's files (``wandb/`` or ``csv/``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kdlab.models import distillation_vocab_size, parameter_count
+from kdlab.module import DistillModule
+from kdlab.teacher import cache_key, load_or_train_teacher
+
+log = logging.getLogger(__name__)
+
+# W&B stays offline (no login, no network) unless the user opts in with WANDB_MODE=online.
+OmegaConf.register_new_resolver("kdlab.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
+
+
+def build_teacher(cfg: DictConfig, tokenizer, datamodule):
+    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer)
+    training = cfg.model.get("teacher_training")
+    if not training:
+        return teacher  # a pretrained teacher (e.g. model=local)
+    key = cache_key(cfg.model.teacher, cfg.model.tokenizer, training, cfg.data.splits, cfg.data.batch_size)
+    return load_or_train_teacher(teacher, training, key, cfg.paths.cache_dir, tokenizer, datamodule)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """One distillation run; returns its final metrics (also written to ``metrics.json``)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = instantiate(cfg.model.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    loss = instantiate(cfg.loss)  # before the teacher: a bad loss option must not cost a teacher training
+    teacher = build_teacher(cfg, tokenizer, datamodule)
+    student = instantiate(cfg.model.student, tokenizer=tokenizer)
+    vocab_size = distillation_vocab_size(teacher, student, tokenizer)
+    log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
+    module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, **cfg.module)
+
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer.fit(module, datamodule=datamodule)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "test/"))}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    student.save_pretrained(out_dir / "student")
+    tokenizer.save_pretrained(out_dir / "student")
+    if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
+        logger.experiment.summary.update(metrics)
+    if logger:
+        logger.finalize("success")
+    log.info("metrics: %s; student exported to %s", out_dir / "metrics.json", out_dir / "student")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():
+        import wandb
+
+        wandb.finish()  # one W&B run per sweep job
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+if __name__ == "__main__":
+    main()
