@@ -60,10 +60,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-
-    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "test/"))}
+    # The exported student is the best one by val/loss; its val and test metrics are the final ones.
+    best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
+    metrics = {}
+    for evaluate in (trainer.validate, trainer.test):
+        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
+    metrics = dict(sorted(metrics.items()))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     student.save_pretrained(out_dir / "student")
     tokenizer.save_pretrained(out_dir / "student")

@@ -44,18 +44,23 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """float32 for half-precision logits (softmax in bf16 loses the tail); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
     return log_q, log_p
 
 
 def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     """``ce``: −log q(y_t) per token (plain SFT / LM loss), 0 at ignored positions."""
     per_token = F.cross_entropy(
-        student_logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        _upcast(student_logits).flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return per_token.view(labels.shape)
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: the real Hydra config, shrunk to tiny models and data (lightning-hydra-template style)."""
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Tiny teacher/student, a few steps, a small suite: a whole run takes seconds.
+TINY = [
+    "model.teacher.config.hidden_size=32",
+    "model.teacher.config.num_hidden_layers=1",
+    "model.teacher.config.num_attention_heads=2",
+    "model.teacher.config.num_key_value_heads=2",
+    "model.teacher.config.intermediate_size=64",
+    "model.teacher_training.max_steps=30",
+    "model.teacher_training.warmup_steps=5",
+    "model.student.config.hidden_size=16",
+    "model.student.config.num_hidden_layers=1",
+    "model.student.config.num_attention_heads=2",
+    "model.student.config.num_key_value_heads=2",
+    "model.student.config.intermediate_size=32",
+    "data.splits.n_train=40",
+    "data.splits.n_val=4",
+    "data.splits.n_test=4",
+    "data.batch_size=16",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "module.warmup_steps=2",
+    "logger=csv",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One teacher cache for the whole session: the tiny teacher is trained once."""
+    path = tmp_path_factory.mktemp("kdlab-cache")
+    os.environ["KDLAB_CACHE"] = str(path)
+    return path
+
+
+def compose_tiny(output_dir, cache_dir, overrides=()):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, cache_dir):
+    return lambda *overrides: compose_tiny(tmp_path / "run", cache_dir, overrides)
