@@ -124,7 +124,7 @@ class DistillModule(L.LightningModule):
         # DDP averages gradients over ranks, so dividing each rank's sum by the mean count across
         # ranks makes the step the global token mean (METHODS.md §1, one shared reduction).
         count = (labels != IGNORE_INDEX).sum().float()
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:
             count = self.trainer.strategy.reduce(count, reduce_op="mean")
         return count
 
