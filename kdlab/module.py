@@ -15,6 +15,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from kdlab.agreement import AgreementMetrics
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 
 
@@ -98,6 +99,7 @@ class DistillModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.teacher_val_ppl: dict[str, float] | None = None  # the frozen teacher's, measured once
         self._evals: torch.nn.ModuleDict | None = None
+        self.agreement = AgreementMetrics()  # RLKD's top-k agreement, logged for every objective
 
     # -- the frozen teacher -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -175,12 +177,17 @@ class DistillModule(L.LightningModule):
 
     def _eval_step(self, batch: dict, split: str, with_teacher: bool, with_exact: bool) -> None:
         evaluator = self._eval_for("student")
-        evaluator.update_ppl(self._logits(self.student, batch), batch["labels"], batch["domain"])
+        student_logits = self._logits(self.student, batch)
+        evaluator.update_ppl(student_logits, batch["labels"], batch["domain"])
         if with_exact:
             self._score_generations(self.student, batch, split, evaluator)
-        if with_teacher and self.teacher is not None:
+        if self.teacher is None:
+            return
+        teacher_logits = self.teacher_logits(batch)
+        self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
+        if with_teacher:
             teacher_eval = self._eval_for("teacher")
-            teacher_eval.update_ppl(self.teacher_logits(batch), batch["labels"], batch["domain"])
+            teacher_eval.update_ppl(teacher_logits, batch["labels"], batch["domain"])
             if with_exact:
                 self._score_generations(self.teacher, batch, split, teacher_eval)
 
@@ -193,6 +200,9 @@ class DistillModule(L.LightningModule):
             metrics.update(teacher.compute(self.domains, "teacher_", with_exact))
             teacher.reset()
         metrics["loss"] = metrics["ppl"].log()
+        if self.teacher is not None:
+            metrics.update(self.agreement.compute())
+            self.agreement.reset()
         self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
         return metrics
 

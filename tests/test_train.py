@@ -24,6 +24,8 @@ def test_run_writes_metrics_exports_student_and_keeps_teacher_out_of_checkpoints
             assert key in saved, key
         assert saved[f"test/{domain}/loss"] == pytest.approx(torch.tensor(saved[f"test/{domain}/ppl"]).log().item(), rel=1e-5)
         assert 0.0 <= saved[f"test/{domain}/exact_match"] <= 1.0
+    for key in ("top1_agreement", "top5_consistency", "top20_overlap"):  # logged for every objective
+        assert 0.0 <= saved[f"val/{key}"] <= 1.0 and 0.0 <= saved[f"test/{key}"] <= 1.0
     assert saved["test/exact_match"] == pytest.approx(sum(saved[f"test/{d}/exact_match"] for d in cfg.data.splits.domains) / 5)
 
     student = AutoModelForCausalLM.from_pretrained(f"{out}/student", local_files_only=True)
@@ -52,6 +54,26 @@ def test_teacher_is_cached_and_never_updated(tiny_cfg, caplog):
     from kdlab.teacher import cache_key
 
     assert cache_key(cfg.model.teacher_training) != cache_key(tiny_cfg().model.teacher_training)
+
+
+def test_rlkd_on_another_base_logs_its_parts(tiny_cfg):
+    """`loss=rlkd loss.base=tvd` trains and logs L_rank and L_base (CSV logger columns)."""
+    import csv
+
+    cfg = tiny_cfg("loss=rlkd", "loss.base=tvd")
+    run(cfg)
+    with open(f"{cfg.paths.output_dir}/csv/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("train/L_rank")]
+    assert logged and all(0.0 <= float(r["train/L_rank"]) <= 2.0 for r in logged)
+    assert all(float(r["train/loss"]) == pytest.approx(2.0 * float(r["train/L_rank"]) + float(r["train/L_base"]), rel=1e-5) for r in logged)
+
+
+def test_experiment_configs_compose():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=rlkd"], return_hydra_config=True)
+    assert cfg.loss._target_ == "kdlab.losses.rlkd.RankingKD" and cfg.loss.k == 5
+    assert dict(cfg.hydra.sweeper.params) == {"loss.base": "fkl,tvd", "loss.rank_weight": "0,2"}
 
 
 def test_unknown_option_lists_valid_ones():
