@@ -26,7 +26,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         overrides = job / ".hydra" / "overrides.yaml"
         if not overrides.is_file():
             continue
-        row = {"job": job.name, "overrides": " ".join(OmegaConf.load(overrides))}
+        row = {"job": job.name, "overrides": list(OmegaConf.load(overrides))}
         metrics = job / "metrics.json"
         if metrics.is_file():
             row.update(json.loads(metrics.read_text()))
@@ -58,9 +58,18 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _varying_overrides(rows: list[dict]) -> list[str]:
+    """Show each job's overrides that differ between jobs; return the ones all jobs share."""
+    common = set.intersection(*(set(r["overrides"]) for r in rows)) if rows else set()
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in common) or "(defaults)"
+    return sorted(common)
+
+
 def summarize(sweep_dir: str | Path) -> str:
     """Write ``summary.csv`` into ``sweep_dir`` and return the printable table."""
     rows = collect(sweep_dir)
+    common = _varying_overrides(rows)
     reference = teacher_row(rows)
     student_rows = [{k: v for k, v in r.items() if "teacher_" not in k} for r in rows]
     table_rows = student_rows + ([reference] if reference else [])
@@ -71,7 +80,8 @@ def summarize(sweep_dir: str | Path) -> str:
         writer = csv.DictWriter(f, fieldnames=all_keys)
         writer.writeheader()
         writer.writerows(table_rows)
-    return format_table(table_rows, columns)
+    shared = f"shared overrides: {' '.join(common)}\n" if common else ""
+    return shared + format_table(table_rows, columns)
 
 
 class SweepSummary(Callback):

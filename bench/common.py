@@ -1,0 +1,58 @@
+"""Helpers shared by the bench scripts: the default pair and data, composed from the real config."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+warnings.filterwarnings("ignore", message=".*self.log.*")  # modules run outside a Trainer here
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def default_config(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = "/tmp/kdlab-bench"
+    return cfg
+
+
+def default_pair_and_batch(cfg, device: str):
+    """Untrained default teacher and student (timings do not depend on the weights) and one training batch."""
+    tokenizer = instantiate(cfg.model.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).to(device).eval().requires_grad_(False)
+    student = instantiate(cfg.model.student, tokenizer=tokenizer).to(device)
+    batch = next(iter(datamodule.train_dataloader()))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return tokenizer, teacher, student, batch
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns: dict, device: str, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median time of each function, run round-robin so that machine noise hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
