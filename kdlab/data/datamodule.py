@@ -70,6 +70,22 @@ class KDDataModule(L.LightningDataModule):
         self.domain_indices = domain_indices
         self.sampler = DomainMixtureSampler(domain_indices, self._initial_weights(mixing), seed=seed)
 
+    def setup(self, stage: str) -> None:
+        # Under DDP every rank's sampler draws the same weighted stream and keeps every
+        # world_size-th draw, so all ranks sample with the same (DDK-updated) weights and see
+        # disjoint examples. Lightning must not wrap the sampler: its DistributedSamplerWrapper
+        # would materialise a whole epoch of indices up front (a weight change would wait for the
+        # next epoch) and reshuffle them, hence trainer.use_distributed_sampler=false.
+        trainer = self.trainer
+        if trainer is None or stage != "fit":
+            return
+        if trainer.world_size > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "KDDataModule shards its domain mixture sampler across ranks itself; "
+                "set trainer.use_distributed_sampler=false for multi-device training"
+            )
+        self.sampler.rank, self.sampler.world_size = trainer.global_rank, trainer.world_size
+
     def _initial_weights(self, mixing: Mapping[str, float] | None) -> dict[str, float]:
         if not mixing:
             return {d: 1.0 for d in self.domains}

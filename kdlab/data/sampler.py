@@ -38,7 +38,6 @@ class DomainMixtureSampler(Sampler[int]):
         self._gen = torch.Generator().manual_seed(seed)
         self._orders = [idx[torch.randperm(len(idx), generator=self._gen)] for idx in self.indices]
         self._cursors = [0] * len(self.indices)
-        self._step = 0
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         unknown = set(weights) - set(self.names)
@@ -72,10 +71,9 @@ class DomainMixtureSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         for _ in range(len(self)):
-            while True:  # ranks share one stream and keep every world_size-th draw
-                d, index = self._draw()
-                self._step += 1
-                if (self._step - 1) % self.world_size == self.rank:
-                    break
+            # Ranks share one stream: every rank draws a whole round of world_size draws and keeps
+            # its own. Between two yields all ranks stand at the same place in the stream, so a
+            # weight change (set on every rank between batches) applies from the same draw on all.
+            d, index = [self._draw() for _ in range(self.world_size)][self.rank]
             self.counts[d] += 1
             yield index

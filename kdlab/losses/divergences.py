@@ -134,10 +134,11 @@ class CrossEntropy:
 class TokenKD:
     """A token-level divergence at temperature τ, optionally mixed with ``ce``.
 
-    L = masked_mean(τ^s · D(p_τ, q_τ)) + ce_weight · masked_mean(−log q(y)), where s = 2 when
+    L = kd_weight · masked_mean(τ^s · D(p_τ, q_τ)) + ce_weight · masked_mean(−log q(y)), where s = 2 when
     ``scale_by_temperature_squared`` (Hinton et al. 2015 keep gradient magnitudes comparable
     across τ that way) and 0 otherwise. ``divergence`` is one of this module's pure functions,
-    given by Hydra as a partial carrying its own parameter (β or α).
+    given by Hydra as a partial carrying its own parameter (β or α). ``kd_weight`` < 1 expresses
+    objectives that weight the divergence against CE, e.g. DDK's L = CE + γ·KL (Eq. 3, γ = 0.2).
     """
 
     needs_teacher = True
@@ -148,15 +149,19 @@ class TokenKD:
         temperature: float = 1.0,
         scale_by_temperature_squared: bool = False,
         ce_weight: float = 0.0,
+        kd_weight: float = 1.0,
     ):
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if ce_weight < 0:
             raise ValueError(f"loss.ce_weight must be >= 0, got {ce_weight}")
+        if kd_weight < 0:
+            raise ValueError(f"loss.kd_weight must be >= 0, got {kd_weight}")
         self.divergence = divergence
         self.temperature = temperature
         self.scale = temperature**2 if scale_by_temperature_squared else 1.0
         self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
 
     def __call__(self, batch: KDBatch) -> LossOutput:
         if batch.teacher_logits is None:
@@ -165,8 +170,9 @@ class TokenKD:
             batch.student_logits, batch.teacher_logits, batch.labels, temperature=self.temperature
         )
         kd = masked_mean(per_token, batch.mask, batch.num_tokens)
-        logs = {"kd": kd.detach()}
-        loss = kd
+        logs = {"kd": kd.detach()}  # unweighted, comparable across kd_weight settings
+        loss = self.kd_weight * kd
+        per_token = self.kd_weight * per_token
         if self.ce_weight > 0:
             ce_per_token = cross_entropy(batch.student_logits, batch.labels)
             ce = masked_mean(ce_per_token, batch.mask, batch.num_tokens)
