@@ -17,6 +17,7 @@ from torchmetrics.text import Perplexity
 
 from kdlab.agreement import AgreementMetrics
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -99,6 +100,8 @@ class DistillModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.teacher_val_ppl: dict[str, float] | None = None  # the frozen teacher's, measured once
         self._evals: torch.nn.ModuleDict | None = None
+        self._rollout_buffer: RolloutBuffer | None = None  # for losses that need rollouts (MiniLLM, on-policy KD)
+        self._rollout_generator: torch.Generator | None = None
         self.agreement = AgreementMetrics()  # RLKD's top-k agreement, logged for every objective
 
     # -- the frozen teacher -------------------------------------------------------------------
@@ -131,6 +134,12 @@ class DistillModule(L.LightningModule):
         return count
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        # -- on-policy losses (MiniLLM, on-policy KD) train on samples: see _rollout_training_step --
+        if getattr(self.loss, "needs_rollouts", False):
+            loss = self._rollout_training_step(batch)
+            if loss is not None:  # None: this step trains on the data batch, as below
+                return loss
+        # -------------------------------------------------------------------------------------------
         needs_teacher = getattr(self.loss, "needs_teacher", True)
         kd_batch = KDBatch(
             student_logits=self._logits(self.student, batch),
@@ -143,6 +152,75 @@ class DistillModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
         return out.loss
+
+    # -- rollouts (kdlab/rollout.py): losses with ``needs_rollouts`` -------------------------------
+    def _rollout_training_step(self, batch: dict) -> Tensor | None:
+        """One training step on rollouts of the batch's prompts, or None on a data-batch step.
+
+        The buffer (``loss.rollout`` settings) decides when to sample anew and which mini-batch of
+        rollouts this step gets. The loss receives a :class:`RolloutKDBatch`: logits of both models
+        on the sampled sequences, the rollout-time log-probs, and, if the loss asks for it, the data
+        batch's full sequences as plain text for a pre-training term (``needs_plain_text``).
+        """
+        if self._rollout_buffer is None:
+            self._rollout_buffer = RolloutBuffer(self.loss.rollout, seed=torch.initial_seed())
+        rollout = self._rollout_buffer.next(batch, self._sample)
+        if rollout is None:
+            return None
+        inputs = rollout.model_inputs()
+        labels = rollout.labels
+        plain = None
+        if getattr(self.loss, "needs_plain_text", False):
+            plain_labels = plain_text_labels(batch["input_ids"], batch["attention_mask"])
+            plain = KDBatch(
+                student_logits=self._logits(self.student, batch),
+                teacher_logits=self.teacher_logits(batch) if getattr(self.loss, "needs_plain_text_teacher", False) else None,
+                labels=plain_labels,
+                domain=batch["domain"],
+                num_tokens=self._num_tokens(plain_labels),
+            )
+        kd_batch = RolloutKDBatch(
+            student_logits=self._logits(self.student, inputs),
+            teacher_logits=self.teacher_logits(inputs),
+            labels=labels,
+            domain=rollout.domain,
+            num_tokens=self._num_tokens(labels),
+            old_logprobs=rollout.logp_student,
+            sample_logprobs=rollout.logp_sample,
+            teacher_logprobs=rollout.logp_teacher,
+            plain=plain,
+            stats=self._rollout_buffer.stats,
+        )
+        out = self.loss(kd_batch)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
+        return out.loss
+
+    @torch.no_grad()
+    def _sample(self, prompt_ids: Tensor, prompt_mask: Tensor, teacher_mix: float):
+        """Rollouts of left-padded prompts; the student samples in eval mode (no dropout), as it is
+        then the policy whose log-probs the loss treats as q_old."""
+        settings = self.loss.rollout
+        if self._rollout_generator is None:  # its own stream from the run's seed; the global RNG is untouched
+            self._rollout_generator = torch.Generator(prompt_ids.device).manual_seed(torch.initial_seed())
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            return sample(
+                self.student,
+                self.teacher,
+                prompt_ids,
+                prompt_mask,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_new_tokens=settings.max_new_tokens or self.trainer.datamodule.max_new_tokens,
+                teacher_mix=teacher_mix,
+                vocab_size=self.vocab_size,
+                generator=self._rollout_generator,
+                **settings.sampling,
+            )
+        finally:
+            self.student.train(was_training)
 
     # -- evaluation ---------------------------------------------------------------------------
     @property
