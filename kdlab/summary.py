@@ -73,7 +73,7 @@ def summarize(sweep_dir: str | Path) -> str:
     reference = teacher_row(rows)
     student_rows = [{k: v for k, v in r.items() if "teacher_" not in k} for r in rows]
     table_rows = student_rows + ([reference] if reference else [])
-    test_domains = sorted({k for r in student_rows for k in r if k.startswith("test/") and k.endswith("/exact_match")})
+    test_domains = sorted({k for r in student_rows for k in r if k.startswith("test/") and k.endswith("/exact_match") and k.count("/") == 2})
     columns = [*DEFAULT_COLUMNS, *test_domains]
     all_keys = ["job", "overrides", *sorted({k for r in table_rows for k in r} - {"job", "overrides"})]
     with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab.models import distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
-from kdlab.teacher import cache_key, load_or_train_teacher
+from kdlab.pretrain import cache_key, load_or_train
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,21 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("kdlab.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
 
 
-def build_teacher(cfg: DictConfig, tokenizer, datamodule):
-    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer)
-    training = cfg.model.get("teacher_training")
+def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
+    """The teacher or the student; CE-trained first (and cached) where ``model.<role>_training`` is set."""
+    model = instantiate(cfg.model[role], tokenizer=tokenizer)
+    training = cfg.model.get(f"{role}_training")
     if not training:
-        return teacher  # a pretrained teacher (e.g. model=local)
-    key = cache_key(cfg.model.teacher, cfg.model.tokenizer, training, cfg.data.splits, cfg.data.batch_size)
-    return load_or_train_teacher(teacher, training, key, cfg.paths.cache_dir, tokenizer, datamodule)
+        return model  # used as it is: a pretrained model, or a student distilled from scratch
+    splits = cfg.data.splits
+    if training.get("n_train"):
+        # Trained on more examples than the distillation's transfer set (as a real teacher has
+        # seen a larger corpus); build_suite draws val/test first, so they stay identical.
+        splits = OmegaConf.merge(splits, {"n_train": training.n_train})
+        datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
+    settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
+    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, cfg.data.batch_size)
+    return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -48,8 +56,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = instantiate(cfg.model.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     loss = instantiate(cfg.loss)  # before the teacher: a bad loss option must not cost a teacher training
-    teacher = build_teacher(cfg, tokenizer, datamodule)
-    student = instantiate(cfg.model.student, tokenizer=tokenizer)
+    teacher = build_model(cfg, "teacher", tokenizer, datamodule)
+    student = build_model(cfg, "student", tokenizer, datamodule)
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
     module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, **cfg.module)

@@ -29,7 +29,7 @@ def test_run_writes_metrics_exports_student_and_keeps_teacher_out_of_checkpoints
     assert saved["test/exact_match"] == pytest.approx(sum(saved[f"test/{d}/exact_match"] for d in cfg.data.splits.domains) / 5)
 
     student = AutoModelForCausalLM.from_pretrained(f"{out}/student", local_files_only=True)
-    generated = student.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
+    generated = student.generate(torch.tensor([[1, 5, 6]]), min_new_tokens=3, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 6)
 
     checkpoint = torch.load(f"{out}/checkpoints/best.ckpt", weights_only=False)
@@ -37,21 +37,21 @@ def test_run_writes_metrics_exports_student_and_keeps_teacher_out_of_checkpoints
 
 
 def test_teacher_is_cached_and_never_updated(tiny_cfg, caplog):
-    from kdlab.train import build_teacher
+    from kdlab.train import build_model
     from hydra.utils import instantiate
 
     cfg = tiny_cfg()
     tok = instantiate(cfg.model.tokenizer)
     dm = instantiate(cfg.data, tokenizer=tok)
-    first = build_teacher(cfg, tok, dm)
+    first = build_model(cfg, "teacher", tok, dm)
     with caplog.at_level("INFO"):
-        second = build_teacher(cfg, tok, dm)
+        second = build_model(cfg, "teacher", tok, dm)
     assert "Loading the cached teacher" in caplog.text
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
     # a changed teacher config is a different cache entry, never the stale one
     cfg.model.teacher_training.max_steps = 31
-    from kdlab.teacher import cache_key
+    from kdlab.pretrain import cache_key
 
     assert cache_key(cfg.model.teacher_training) != cache_key(tiny_cfg().model.teacher_training)
 

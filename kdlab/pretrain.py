@@ -1,8 +1,10 @@
-"""The embedded default's teacher: trained on the data the first time a run needs it, then cached.
+"""CE pre-training of the embedded default's models, trained the first time a run needs them and cached.
 
-The cache key is a hash of everything that determines the trained weights (architecture,
-tokenizer, data, training settings), so changing any of them trains a new teacher and never
-silently reuses a stale one.
+Two models use it: the teacher (trained on the suite) and, as in the papers' protocol (MiniLLM,
+GKD and DistiLLM all distil into an SFT-initialised student), the student's warm start. The
+cache key is a hash of everything that determines the trained weights (architecture, tokenizer,
+data, training settings), so changing any of them trains a new model and never silently reuses
+a stale one.
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_or_train_teacher(teacher, training: DictConfig, key: str, cache_dir: str, tokenizer, datamodule):
-    """The cached teacher for ``key``, or ``teacher`` trained with CE on ``datamodule`` and cached."""
-    path = Path(cache_dir).expanduser() / "teachers" / key
+def load_or_train(model, training: DictConfig, key: str, cache_dir: str, tokenizer, datamodule, role: str = "teacher"):
+    """The cached ``role`` model for ``key``, or ``model`` trained with CE on ``datamodule`` and cached."""
+    path = Path(cache_dir).expanduser() / f"{role}s" / key
     if (path / "config.json").is_file():
-        log.info("Loading the cached teacher from %s", path)
+        log.info("Loading the cached %s from %s", role, path)
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     log.info(
-        "Training the teacher (first use of this teacher config: %d steps); it will be cached at %s",
+        "Training the %s (first use of this config: %d CE steps); it will be cached at %s",
+        role,
         training.max_steps,
         path,
     )
     module = DistillModule(
-        student=teacher,
+        student=model,
         teacher=None,
         loss=CrossEntropy(),
         tokenizer=tokenizer,
@@ -63,18 +66,18 @@ def load_or_train_teacher(teacher, training: DictConfig, key: str, cache_dir: st
         devices=1,
     )
     L.seed_everything(training.seed)
-    # A sampler of its own (uniform, own seed): the student's data stream must not depend on
-    # whether the teacher came from the cache.
+    # A sampler of its own (uniform, own seed): the distillation's data stream must not depend
+    # on whether this model came from the cache.
     sampler = DomainMixtureSampler(datamodule.domain_indices, seed=training.seed)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(sampler))
-    # Write to a temporary folder and rename, so an interrupted run never leaves half a teacher
+    # Write to a temporary folder and rename, so an interrupted run never leaves half a model
     # that later runs would load.
     tmp = path.with_name(f"{key}.tmp-{os.getpid()}")
-    teacher.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(tmp)  # another process cached it meanwhile; keep theirs
     else:
         tmp.rename(path)
-    log.info("Teacher cached at %s", path)
-    return teacher.eval()
+    log.info("%s cached at %s", role.capitalize(), path)
+    return model
