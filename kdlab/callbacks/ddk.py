@@ -111,7 +111,8 @@ class DDKReweighting(Callback):
                 raise RuntimeError(
                     f"DDK has no validation perplexity for domain {d!r} (val/{d}/ppl from the student, "
                     f"teacher_val_ppl[{d!r}] from the teacher). Every training domain needs validation examples: "
-                    f"give domain {d!r} some in the data's val split, or drop it from the training data."
+                    f"give domain {d!r} some in the data's val split, or drop it from the training data "
+                    f"(and do not cut validation short with trainer.limit_val_batches under DDK)."
                 )
             student.append(float(value))
             teacher_ppl.append(float(teacher[d]))
