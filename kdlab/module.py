@@ -1,8 +1,9 @@
 """DistillModule: a frozen teacher, a student, and one pluggable loss callable.
 
 The module never knows which loss it holds: it runs the forwards, hands a :class:`KDBatch` to
-the loss and logs the :class:`LossOutput`. Evaluation (per-domain perplexity, greedy exact
-match, teacher–student agreement) runs in every validation and test pass.
+the loss and logs the :class:`LossOutput`. Evaluation (kdlab/metrics.py: per-domain perplexity,
+greedy exact match, calibration, ROUGE and grammar metrics of sampled responses, teacher–student
+agreement, a table of sample generations) runs in every validation and test pass.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from kdlab.agreement import AgreementMetrics
+from kdlab.data.datamodule import SuiteChecker
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.metrics import EvalSettings, ModelEval, SampleTable, decode_responses
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
 
 
@@ -26,40 +27,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class _DomainEval(torch.nn.Module):
-    """Per-domain perplexity and exact match of one model, accumulated over an eval pass."""
-
-    def __init__(self, num_domains: int):
-        super().__init__()
-        self.ppl = torch.nn.ModuleList(Perplexity(ignore_index=IGNORE_INDEX) for _ in range(num_domains))
-        self.exact = torch.nn.ModuleList(MeanMetric() for _ in range(num_domains))
-        self.all_ppl = Perplexity(ignore_index=IGNORE_INDEX)
-
-    def update_ppl(self, logits: Tensor, labels: Tensor, domain: Tensor) -> None:
-        self.all_ppl.update(logits.float(), labels)
-        for d, metric in enumerate(self.ppl):
-            rows = domain == d
-            if rows.any():
-                metric.update(logits[rows].float(), labels[rows])
-
-    def compute(self, domains: list[str], prefix: str, with_exact: bool) -> dict[str, Tensor]:
-        out = {f"{prefix}ppl": self.all_ppl.compute()}
-        for d, name in enumerate(domains):
-            ppl = self.ppl[d].compute()
-            out[f"{name}/{prefix}ppl"] = ppl
-            out[f"{name}/{prefix}loss"] = ppl.log()
-        if with_exact:
-            scores = [self.exact[d].compute() for d in range(len(domains))]
-            for name, score in zip(domains, scores):
-                out[f"{name}/{prefix}exact_match"] = score
-            out[f"{prefix}exact_match"] = torch.stack(scores).mean()
-        return out
-
-    def reset(self) -> None:
-        for m in [*self.ppl, *self.exact, self.all_ppl]:
-            m.reset()
 
 
 class DistillModule(L.LightningModule):
@@ -84,6 +51,7 @@ class DistillModule(L.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         generate_in_validation: bool = True,
+        eval_settings: EvalSettings | None = None,
     ):
         super().__init__()
         self.student = student
@@ -97,9 +65,12 @@ class DistillModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.generate_in_validation = generate_in_validation
+        self.eval_settings = eval_settings or EvalSettings()
+        self._table = SampleTable(self.eval_settings.table_rows)
+        self._teacher_outputs: dict[tuple[str, int], str] = {}  # greedy outputs of the frozen teacher, for the table
         self.strict_loading = False  # checkpoints hold no teacher weights
         self.teacher_val_ppl: dict[str, float] | None = None  # the frozen teacher's, measured once
-        self._evals: torch.nn.ModuleDict | None = None
+        self._evals: torch.nn.ModuleDict | None = None  # ModelEval per role, built once the data's domains are known
         self._rollout_buffer: RolloutBuffer | None = None  # for losses that need rollouts (MiniLLM, on-policy KD)
         self._rollout_generator: torch.Generator | None = None
         self.agreement = AgreementMetrics()  # RLKD's top-k agreement, logged for every objective
@@ -227,10 +198,19 @@ class DistillModule(L.LightningModule):
     def domains(self) -> list[str]:
         return self.trainer.datamodule.domains
 
-    def _eval_for(self, key: str) -> _DomainEval:
+    def _eval_for(self, role: str) -> ModelEval:
         if self._evals is None:
-            self._evals = torch.nn.ModuleDict({k: _DomainEval(len(self.domains)) for k in ("student", "teacher")}).to(self.device)
-        return self._evals[key]
+            checker = getattr(self.trainer.datamodule, "checker", None)
+            grammar = self.tokenizer if isinstance(checker, SuiteChecker) else None  # the built-in grammar domain
+            models = {"student": self.student, "teacher": self.teacher}
+            self._evals = torch.nn.ModuleDict(
+                {
+                    name: ModelEval(self.domains, self.vocab_size or model.get_output_embeddings().weight.shape[0], self.eval_settings, grammar)
+                    for name, model in models.items()
+                    if model is not None
+                }
+            ).to(self.device)
+        return self._evals[role]
 
     @torch.no_grad()
     def generate(self, model, batch: dict) -> list[str]:
@@ -244,48 +224,112 @@ class DistillModule(L.LightningModule):
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-        new = out[:, batch["prompt_ids"].shape[1] :].tolist()
-        return [tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids, skip_special_tokens=True).strip() for ids in new]
+        return decode_responses(tok, out[:, batch["prompt_ids"].shape[1] :].tolist())
 
-    def _score_generations(self, model, batch: dict, split: str, evaluator: _DomainEval) -> None:
-        outputs = self.generate(model, batch)
+    @torch.no_grad()
+    def sample_responses(self, model, batch: dict, num_samples: int, batch_idx: int) -> list[list[str]]:
+        """``num_samples`` sampled responses per prompt of the batch (MiniLLM's evaluation protocol).
+
+        Drawn with kdlab.rollout's sampler from a generator seeded by (eval seed, batch index), so
+        a pass is reproducible and independent of the training RNG; every model gets the same seed
+        (common random numbers make the student–teacher comparison less noisy).
+        """
+        settings = self.eval_settings
+        generator = torch.Generator(self.device).manual_seed(settings.seed * 1_000_003 + batch_idx)
+        rollout = sample(
+            model,
+            None,
+            batch["prompt_ids"].repeat_interleave(num_samples, 0),
+            batch["prompt_mask"].repeat_interleave(num_samples, 0),
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            max_new_tokens=self.trainer.datamodule.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            vocab_size=self.vocab_size,
+            generator=generator,
+        )
+        texts = decode_responses(self.tokenizer, [row[row != IGNORE_INDEX].tolist() for row in rollout.labels])
+        return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
+
+    def _eval_step(self, batch: dict, batch_idx: int, split: str, with_teacher: bool, with_exact: bool) -> None:
         dm = self.trainer.datamodule
-        for output, index, domain in zip(outputs, batch["index"].tolist(), batch["domain"].tolist()):
-            evaluator.exact[domain].update(float(dm.check(split, index, output)))
-
-    def _eval_step(self, batch: dict, split: str, with_teacher: bool, with_exact: bool) -> None:
-        evaluator = self._eval_for("student")
+        settings = self.eval_settings
+        num_samples = settings.num_samples if split == "test" else settings.val_num_samples
+        indices, domains = batch["index"].tolist(), batch["domain"].tolist()
+        examples = [dm.examples[split][i] for i in indices]
         student_logits = self._logits(self.student, batch)
-        evaluator.update_ppl(student_logits, batch["labels"], batch["domain"])
-        if with_exact:
-            self._score_generations(self.student, batch, split, evaluator)
-        if self.teacher is None:
+        teacher_logits = self.teacher_logits(batch) if self.teacher is not None else None
+        if teacher_logits is not None:
+            self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
+        texts = {}  # role -> (greedy outputs or None, sampled responses or None)
+        for role, model, logits in (("student", self.student, student_logits), ("teacher", self.teacher, teacher_logits)):
+            if model is None or (role == "teacher" and not with_teacher):
+                continue
+            evaluator = self._eval_for(role)
+            evaluator.update_logits(logits, batch)
+            greedy = self.generate(model, batch) if with_exact else None
+            if greedy is not None:
+                evaluator.update_exact(domains, [dm.check(split, i, out) for i, out in zip(indices, greedy)])
+                if role == "teacher":
+                    self._teacher_outputs.update({(split, i): out for i, out in zip(indices, greedy)})
+            samples = self.sample_responses(model, batch, num_samples, batch_idx) if num_samples else None
+            if samples is not None:
+                evaluator.update_samples(domains, [e.prompt for e in examples], [e.answer for e in examples], samples)
+            texts[role] = (greedy, samples)
+        self._add_table_rows(batch, split, examples, texts)
+
+    def _add_table_rows(self, batch: dict, split: str, examples: list, texts: dict) -> None:
+        """The batch's rows that belong in this pass's samples table (the first few of each domain)."""
+        rows = self._table.wanted(batch["domain"].tolist())
+        if not rows:
             return
-        teacher_logits = self.teacher_logits(batch)
-        self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
-        if with_teacher:
-            teacher_eval = self._eval_for("teacher")
-            teacher_eval.update_ppl(teacher_logits, batch["labels"], batch["domain"])
-            if with_exact:
-                self._score_generations(self.teacher, batch, split, teacher_eval)
+        indices = batch["index"].tolist()
+
+        def subset(picked):
+            return {k: v[torch.tensor(picked, device=v.device)] for k, v in batch.items()}
+
+        greedy, samples = texts["student"]
+        student = [greedy[r] for r in rows] if greedy is not None else self.generate(self.student, subset(rows))
+        teacher = [""] * len(rows)
+        if self.teacher is not None:  # the frozen teacher's outputs never change: generated once per example
+            missing = [r for r in rows if (split, indices[r]) not in self._teacher_outputs]
+            if missing:
+                outputs = self.generate(self.teacher, subset(missing))
+                self._teacher_outputs.update({(split, indices[r]): out for r, out in zip(missing, outputs)})
+            teacher = [self._teacher_outputs[(split, indices[r])] for r in rows]
+        for j, r in enumerate(rows):
+            self._table.add(
+                split=split,
+                domain=examples[r].domain,
+                prompt=examples[r].prompt,
+                reference=examples[r].answer,
+                teacher=teacher[j],
+                student=student[j],
+                student_sample=samples[r][0] if samples is not None else "",
+            )
 
     def _eval_epoch_end(self, split: str, with_teacher: bool, with_exact: bool) -> dict[str, Tensor]:
         student = self._eval_for("student")
-        metrics = student.compute(self.domains, "", with_exact)
+        metrics = student.compute("", with_exact)
         student.reset()
         if with_teacher and self.teacher is not None:
             teacher = self._eval_for("teacher")
-            metrics.update(teacher.compute(self.domains, "teacher_", with_exact))
+            metrics.update(teacher.compute("teacher_", with_exact))
             teacher.reset()
         metrics["loss"] = metrics["ppl"].log()
         if self.teacher is not None:
             metrics.update(self.agreement.compute())
             self.agreement.reset()
         self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
+        if self.trainer.sanity_checking:
+            self._table = SampleTable(self.eval_settings.table_rows)  # not a real validation: dropped
+        else:
+            self._table.flush(self.trainer, split)
         return metrics
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", with_teacher=self.teacher_val_ppl is None, with_exact=self.generate_in_validation)
+        self._eval_step(batch, batch_idx, "val", with_teacher=self.teacher_val_ppl is None, with_exact=self.generate_in_validation)
 
     def on_validation_epoch_end(self) -> None:
         with_teacher = self.teacher_val_ppl is None
@@ -297,7 +341,7 @@ class DistillModule(L.LightningModule):
             self.log_dict({f"val/{d}/teacher_ppl": v for d, v in self.teacher_val_ppl.items()})
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", with_teacher=True, with_exact=True)
+        self._eval_step(batch, batch_idx, "test", with_teacher=True, with_exact=True)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test", with_teacher=True, with_exact=True)

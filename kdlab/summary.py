@@ -12,7 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COLUMNS = ("test/exact_match", "test/ppl")
+# then each domain's exact match; every metric is in summary.csv (kdlab.report plots them)
+DEFAULT_COLUMNS = (
+    "test/exact_match",
+    "test/ppl",
+    "test/rougeL",
+    "test/ece",
+    "test/grammar/true_kl",
+    "test/grammar/valid_fraction",
+    "test/top5_consistency",
+)
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:

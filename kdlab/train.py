@@ -60,7 +60,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     student = build_model(cfg, "student", tokenizer, datamodule)
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
-    module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, **cfg.module)
+    eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
+    module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, **cfg.module)
 
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
