@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdlab.report import best_groups, group_table, history, jobs, latest_sweep, main, report
+from kdlab.report import best_groups, group_table, history, jobs, latest_sweep, main, report, wandb_records
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,9 +125,16 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/rougeL" in result.stdout  # the sweep summary shows the new metrics
 
-    # learning curves come from the offline W&B run files
+    # learning curves come from the offline W&B run files, which also hold the full resolved config
+    # and the samples tables of every validation and of the test
     h = history(sweep / "0")
     assert h is not None and h["val/loss"].notna().sum() == 2
+    (run_file,) = (sweep / "0").glob("wandb/offline-run-*/run-*.wandb")
+    config = {u.key for r in wandb_records(run_file) if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    assert {"model", "loss", "data", "trainer", "eval", "seed"} <= config
+    tables = run_file.parent / "files" / "media" / "table"
+    assert len(list((tables / "val").glob("samples_*.table.json"))) == 3  # two validations in fit, one of the best checkpoint
+    assert list((tables / "test").glob("samples_*.table.json"))
 
     nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
     os.environ["KDLAB_SWEEP"] = str(sweep)  # the kernel inherits the environment
