@@ -83,7 +83,13 @@ def main() -> None:
         **cfg.module,
     )
     timer = StageTimer()
-    trainer = instantiate(cfg.trainer, logger=instantiate(cfg.logger), callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=instantiate(cfg.logger),
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_time = time.perf_counter() - start
@@ -113,19 +119,29 @@ def main() -> None:
 
     module.generate_in_validation, module.eval_settings, module._evals = True, default, None
     start = time.perf_counter()
-    trainer.test(module, datamodule=datamodule, verbose=False)  # once per run: teacher too, eval.num_samples samples each
+    trainer.test(
+        module, datamodule=datamodule, verbose=False
+    )  # once per run: teacher too, eval.num_samples samples each
     test_time = time.perf_counter() - start
 
-    print(f"device={args.accelerator} torch threads={torch.get_num_threads()} steps={steps} val_check_interval={interval} "
-          f"val examples={len(datamodule.examples['val'])} eval: {default}")
-    print(f"fit: {fit_time:.1f} s = training {training:.1f} s ({training / steps * 1e3:.1f} ms/step) + {len(fit_validations)} validations {validation:.1f} s "
-          f"({', '.join(f'{t:.2f}' for t in fit_validations)} s; the first also scores the teacher once)")
+    print(
+        f"device={args.accelerator} torch threads={torch.get_num_threads()} steps={steps} val_check_interval={interval} "
+        f"val examples={len(datamodule.examples['val'])} eval: {default}"
+    )
+    print(
+        f"fit: {fit_time:.1f} s = training {training:.1f} s ({training / steps * 1e3:.1f} ms/step) + {len(fit_validations)} validations {validation:.1f} s "
+        f"({', '.join(f'{t:.2f}' for t in fit_validations)} s; the first also scores the teacher once)"
+    )
     print(f"validation time / training time in the fit = {validation / training:.1%}   (goal <= 15%)")
-    print(f"one validation pass (median of {args.repeats}), as a fraction of the {interval} training steps between validations ({per_interval:.1f} s):")
+    print(
+        f"one validation pass (median of {args.repeats}), as a fraction of the {interval} training steps between validations ({per_interval:.1f} s):"
+    )
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:<40} {median:6.2f} s  {median / per_interval:6.1%}")
-    print(f"the test pass at the end of a run (student and teacher, {default.num_samples} samples per prompt): {test_time:.1f} s = {test_time / training:.1%} of training time")
+    print(
+        f"the test pass at the end of a run (student and teacher, {default.num_samples} samples per prompt): {test_time:.1f} s = {test_time / training:.1%} of training time"
+    )
 
 
 if __name__ == "__main__":

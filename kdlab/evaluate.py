@@ -38,7 +38,9 @@ def warn_if_settings_differ(cfg: DictConfig) -> None:
         return
     run_cfg = OmegaConf.load(saved)
     for key in ("data", "eval"):
-        if key in run_cfg and OmegaConf.to_container(run_cfg[key], resolve=True) != OmegaConf.to_container(cfg[key], resolve=True):
+        if key in run_cfg and OmegaConf.to_container(run_cfg[key], resolve=True) != OmegaConf.to_container(
+            cfg[key], resolve=True
+        ):
             log.warning(
                 "the student's run used other %s settings (%s) than this evaluation; its metrics.json will differ. "
                 "Pass the run's %s overrides (listed in %s) to reproduce it.",
@@ -63,7 +65,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     student = from_pretrained(cfg.student)
     teacher = build_model(cfg, "teacher", tokenizer, datamodule) if cfg.use_teacher else None
     vocab_size = distillation_vocab_size(teacher, student, tokenizer) if teacher is not None else None
-    module = DistillModule(student, teacher, loss=None, tokenizer=tokenizer, vocab_size=vocab_size, eval_settings=instantiate(cfg.eval))
+    module = DistillModule(
+        student, teacher, loss=None, tokenizer=tokenizer, vocab_size=vocab_size, eval_settings=instantiate(cfg.eval)
+    )
 
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:

@@ -68,13 +68,17 @@ class EvalSettings:
 
     def __post_init__(self):
         if self.num_samples < 0 or self.val_num_samples < 0:
-            raise ValueError(f"eval.num_samples and eval.val_num_samples must be >= 0, got {self.num_samples}, {self.val_num_samples}")
+            raise ValueError(
+                f"eval.num_samples and eval.val_num_samples must be >= 0, got {self.num_samples}, {self.val_num_samples}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"eval.top_p must be in (0, 1], got {self.top_p}")
         if self.ece_bins < 1 or self.table_rows < 0:
-            raise ValueError(f"eval.ece_bins must be >= 1 and eval.table_rows >= 0, got {self.ece_bins}, {self.table_rows}")
+            raise ValueError(
+                f"eval.ece_bins must be >= 1 and eval.table_rows >= 0, got {self.ece_bins}, {self.table_rows}"
+            )
 
 
 class NextTokenCalibrationError(MulticlassCalibrationError):
@@ -122,7 +126,9 @@ class GrammarTrueKL(Metric):
         ids = tokenizer.convert_tokens_to_ids(words)
         unknown = [w for w, i in zip(words, ids) if i is None or i == tokenizer.unk_token_id]
         if unknown:
-            raise ValueError(f"grammar words {unknown} are not single tokens of this tokenizer; the grammar's true KL needs the suite's tokenizer")
+            raise ValueError(
+                f"grammar words {unknown} are not single tokens of this tokenizer; the grammar's true KL needs the suite's tokenizer"
+            )
         self.word_ids = dict(zip(words, ids)) | {"<eos>": tokenizer.eos_token_id}
         self.id_to_token = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.special_ids = set(tokenizer.all_special_ids)
@@ -189,8 +195,12 @@ class ModelEval(torch.nn.Module):
         self.all_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.exact = torch.nn.ModuleList(MeanMetric() for _ in range(n))
         self.ece = NextTokenCalibrationError(num_classes, settings.ece_bins)
-        self.rouge = torch.nn.ModuleList(ROUGEScore(rouge_keys=ROUGE_KEYS, use_stemmer=settings.rouge_stemmer) for _ in range(n))
-        self.grammar_index = domains.index("grammar") if grammar_tokenizer is not None and "grammar" in domains else None
+        self.rouge = torch.nn.ModuleList(
+            ROUGEScore(rouge_keys=ROUGE_KEYS, use_stemmer=settings.rouge_stemmer) for _ in range(n)
+        )
+        self.grammar_index = (
+            domains.index("grammar") if grammar_tokenizer is not None and "grammar" in domains else None
+        )
         if self.grammar_index is not None:
             try:
                 self.true_kl = GrammarTrueKL(grammar_tokenizer)
@@ -215,12 +225,16 @@ class ModelEval(torch.nn.Module):
         for d, ok in zip(domains, correct):
             self.exact[d].update(float(ok))
 
-    def update_samples(self, domains: list[int], prompts: list[str], references: list[str], samples: list[list[str]]) -> None:
+    def update_samples(
+        self, domains: list[int], prompts: list[str], references: list[str], samples: list[list[str]]
+    ) -> None:
         """``samples[i]``: the responses sampled for prompt i (one per seed)."""
         self.sampled = True
         for d in set(domains):
             rows = [i for i, di in enumerate(domains) if di == d]
-            self.rouge[d].update([s for i in rows for s in samples[i]], [references[i] for i in rows for _ in samples[i]])
+            self.rouge[d].update(
+                [s for i in rows for s in samples[i]], [references[i] for i in rows for _ in samples[i]]
+            )
             if d == self.grammar_index:
                 self.valid.update([prompts[i] for i in rows for _ in samples[i]], [s for i in rows for s in samples[i]])
 
@@ -259,7 +273,9 @@ class ModelEval(torch.nn.Module):
 def decode_responses(tokenizer, rows: list[list[int]]) -> list[str]:
     """Generated token ids → text, cut at the first ``<eos>``."""
     eos = tokenizer.eos_token_id
-    return [tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip() for ids in rows]
+    return [
+        tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip() for ids in rows
+    ]
 
 
 class SampleTable:
@@ -299,7 +315,12 @@ class SampleTable:
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table(f"{split}/samples", columns=list(self.columns), data=[list(r.values()) for r in rows], step=trainer.global_step)
+                logger.log_table(
+                    f"{split}/samples",
+                    columns=list(self.columns),
+                    data=[list(r.values()) for r in rows],
+                    step=trainer.global_step,
+                )
         path = Path(trainer.default_root_dir) / "samples.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:

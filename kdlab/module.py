@@ -202,14 +202,12 @@ class DistillModule(L.LightningModule):
         if self._evals is None:
             checker = getattr(self.trainer.datamodule, "checker", None)
             grammar = self.tokenizer if isinstance(checker, SuiteChecker) else None  # the built-in grammar domain
-            models = {"student": self.student, "teacher": self.teacher}
-            self._evals = torch.nn.ModuleDict(
-                {
-                    name: ModelEval(self.domains, self.vocab_size or model.get_output_embeddings().weight.shape[0], self.eval_settings, grammar)
-                    for name, model in models.items()
-                    if model is not None
-                }
-            ).to(self.device)
+            evals = {}
+            for name, model in (("student", self.student), ("teacher", self.teacher)):
+                if model is not None:
+                    num_classes = self.vocab_size or model.get_output_embeddings().weight.shape[0]
+                    evals[name] = ModelEval(self.domains, num_classes, self.eval_settings, grammar)
+            self._evals = torch.nn.ModuleDict(evals).to(self.device)
         return self._evals[role]
 
     @torch.no_grad()
@@ -263,7 +261,8 @@ class DistillModule(L.LightningModule):
         if teacher_logits is not None:
             self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
         texts = {}  # role -> (greedy outputs or None, sampled responses or None)
-        for role, model, logits in (("student", self.student, student_logits), ("teacher", self.teacher, teacher_logits)):
+        roles = (("student", self.student, student_logits), ("teacher", self.teacher, teacher_logits))
+        for role, model, logits in roles:
             if model is None or (role == "teacher" and not with_teacher):
                 continue
             evaluator = self._eval_for(role)
@@ -329,7 +328,8 @@ class DistillModule(L.LightningModule):
         return metrics
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val", with_teacher=self.teacher_val_ppl is None, with_exact=self.generate_in_validation)
+        with_teacher = self.teacher_val_ppl is None
+        self._eval_step(batch, batch_idx, "val", with_teacher=with_teacher, with_exact=self.generate_in_validation)
 
     def on_validation_epoch_end(self) -> None:
         with_teacher = self.teacher_val_ppl is None

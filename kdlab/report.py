@@ -60,9 +60,17 @@ def jobs(sweep_dirs) -> pd.DataFrame:
     for sweep in map(Path, [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else sweep_dirs):
         if not sweep.is_dir():
             raise FileNotFoundError(f"sweep folder {sweep} does not exist; pass outputs/sweeps/<date>/<time>")
-        for job in sorted((p for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=lambda p: p.name):
+        for job in sorted(
+            (p for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=lambda p: p.name
+        ):
             overrides = [str(o) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")]
-            row = {"sweep": str(sweep), "job": job.name, "path": str(job), "overrides": overrides, "seed": _seed(job, overrides)}
+            row = {
+                "sweep": str(sweep),
+                "job": job.name,
+                "path": str(job),
+                "overrides": overrides,
+                "seed": _seed(job, overrides),
+            }
             metrics = job / "metrics.json"
             row["status"] = "done" if metrics.is_file() else "no metrics.json (failed or unfinished)"
             if metrics.is_file():
@@ -92,7 +100,11 @@ def tidy(jobs_df: pd.DataFrame) -> pd.DataFrame:
     become rows of model "teacher" and group "teacher" under the student's metric name."""
     ids = ["sweep", "job", "group", "seed"]
     metric_cols = [c for c in jobs_df.columns if c.startswith(("val/", "test/"))]
-    long = jobs_df[jobs_df["status"] == "done"].melt(id_vars=ids, value_vars=metric_cols, var_name="metric").dropna(subset=["value"])
+    long = (
+        jobs_df[jobs_df["status"] == "done"]
+        .melt(id_vars=ids, value_vars=metric_cols, var_name="metric")
+        .dropna(subset=["value"])
+    )
     is_teacher = long["metric"].str.contains("teacher_", regex=False)
     long["model"] = is_teacher.map({True: TEACHER, False: "student"})
     long.loc[is_teacher, "metric"] = long.loc[is_teacher, "metric"].str.replace("teacher_", "", regex=False)
@@ -116,7 +128,8 @@ def group_table(df: pd.DataFrame, metrics=None, as_text: bool = False) -> pd.Dat
     for metric in dict.fromkeys(table.columns.get_level_values(0)):
         mean, std, n = (table[(metric, k)] for k in ("mean", "std", "count"))
         text[metric] = [
-            "" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") + f" ({int(c)})" for m, s, c in zip(mean, std, n)
+            "" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") + f" ({int(c)})"
+            for m, s, c in zip(mean, std, n)
         ]
     return text
 
@@ -128,7 +141,13 @@ def best_groups(df: pd.DataFrame) -> pd.Series:
     for metric, higher in FINAL_METRICS:
         means = students[students["metric"] == metric].groupby("group")["value"].mean()
         if len(means):
-            best[metric] = "(all equal)" if means.nunique() == 1 and len(means) > 1 else means.idxmax() if higher else means.idxmin()
+            best[metric] = (
+                "(all equal)"
+                if means.nunique() == 1 and len(means) > 1
+                else means.idxmax()
+                if higher
+                else means.idxmin()
+            )
     return pd.Series(best, name="best group")
 
 
@@ -261,10 +280,27 @@ def plot_per_domain(df: pd.DataFrame):
             ratio.append(ppl / teacher.get(f"test/{d}/ppl", np.nan))
         x = np.arange(len(domains)) + (k - (len(groups) - 1) / 2) * width
         for ax, series in ((ax_em, em), (ax_ratio, ratio)):
-            ax.bar(x, [s.mean() for s in series], width, yerr=[s.std() if len(s) > 1 else 0 for s in series], capsize=3, label=g)
-    ax_em.plot(np.arange(len(domains)), [teacher.get(f"test/{d}/exact_match", np.nan) for d in domains], "k_", markersize=20, mew=2, label="teacher")
+            ax.bar(
+                x,
+                [s.mean() for s in series],
+                width,
+                yerr=[s.std() if len(s) > 1 else 0 for s in series],
+                capsize=3,
+                label=g,
+            )
+    ax_em.plot(
+        np.arange(len(domains)),
+        [teacher.get(f"test/{d}/exact_match", np.nan) for d in domains],
+        "k_",
+        markersize=20,
+        mew=2,
+        label="teacher",
+    )
     ax_ratio.axhline(1.0, color="k", linestyle="--", linewidth=1)
-    for ax, title in ((ax_em, "test exact match per domain (higher is better)"), (ax_ratio, "student / teacher perplexity per domain (DDK's gap)")):
+    for ax, title in (
+        (ax_em, "test exact match per domain (higher is better)"),
+        (ax_ratio, "student / teacher perplexity per domain (DDK's gap)"),
+    ):
         ax.set_xticks(np.arange(len(domains)), domains)
         ax.set_title(title, fontsize="medium")
     ax_em.legend(fontsize="small")
@@ -318,12 +354,16 @@ def plot_ddk_weights(jobs_df: pd.DataFrame, curves_df: pd.DataFrame):
 
     if curves_df.empty or not any(c.startswith(WEIGHT_PREFIX) for c in curves_df):
         return None
-    weighted = [p for p, part in curves_df.groupby("path", sort=False) if part.filter(like=WEIGHT_PREFIX).notna().any().any()]
+    weighted = [
+        p for p, part in curves_df.groupby("path", sort=False) if part.filter(like=WEIGHT_PREFIX).notna().any().any()
+    ]
     fig, axes = plt.subplots(1, len(weighted), figsize=(5 * len(weighted), 3.5), squeeze=False)
     for ax, path in zip(axes.flat, weighted):
         part = curves_df[curves_df["path"] == path]
         plot_domain_weights(part.dropna(axis=1, how="all"), ax=ax)
-        ax.set_title(f"{part['group'].iloc[0]} (seed {part['seed'].iloc[0]}, job {part['job'].iloc[0]})", fontsize="medium")
+        ax.set_title(
+            f"{part['group'].iloc[0]} (seed {part['seed'].iloc[0]}, job {part['job'].iloc[0]})", fontsize="medium"
+        )
     fig.tight_layout()
     return fig
 
@@ -354,8 +394,16 @@ def report(sweep_dirs, out_dir=None) -> pd.DataFrame:
         log.warning("no learning curves: no job has csv/metrics.csv or an offline W&B run file")
     else:
         figures["learning_curves"] = plot_curves(curves_df, CURVE_METRICS)
-        domains = sorted({c.split("/")[1] for c in curves_df.columns if c.count("/") == 2 and c.startswith("val/") and c.endswith("/loss")})
-        teacher_losses = {f"val/{d}/loss": math.log(teacher[f"val/{d}/ppl"]) for d in domains if f"val/{d}/ppl" in teacher}
+        domains = sorted(
+            {
+                c.split("/")[1]
+                for c in curves_df.columns
+                if c.count("/") == 2 and c.startswith("val/") and c.endswith("/loss")
+            }
+        )
+        teacher_losses = {
+            f"val/{d}/loss": math.log(teacher[f"val/{d}/ppl"]) for d in domains if f"val/{d}/ppl" in teacher
+        }
         figures["domain_curves"] = plot_curves(curves_df, [f"val/{d}/loss" for d in domains], teacher_losses)
         figures["ddk_weights"] = plot_ddk_weights(jobs_df, curves_df)
     written = []
@@ -375,10 +423,14 @@ def latest_sweep(start=None) -> Path:
     for root in (start, *start.parents):
         sweeps = root / "outputs" / "sweeps"
         if sweeps.is_dir():
-            found = sorted(p.parents[2] for p in sweeps.glob("*/*/*/.hydra/overrides.yaml"))  # <date>/<time>/<job>/.hydra
+            found = sorted(
+                p.parents[2] for p in sweeps.glob("*/*/*/.hydra/overrides.yaml")
+            )  # <date>/<time>/<job>/.hydra
             if found:
                 return found[-1]
-    raise FileNotFoundError(f"no sweep under outputs/sweeps from {start} upwards; run `python -m kdlab.train -m loss=ce,fkl` first")
+    raise FileNotFoundError(
+        f"no sweep under outputs/sweeps from {start} upwards; run `python -m kdlab.train -m loss=ce,fkl` first"
+    )
 
 
 def samples(job_dir, split: str | None = None) -> pd.DataFrame:
@@ -396,7 +448,10 @@ def main(argv=None) -> None:
     df = report(args.sweeps, args.out)
     with pd.option_context("display.width", 200, "display.max_columns", 50):
         print(group_table(df, as_text=True).T.to_string())
-    print(f"\nwritten to {df.attrs['out_dir']}: report.csv, groups.csv, " + ", ".join(Path(f).name for f in df.attrs["figures"]))
+    print(
+        f"\nwritten to {df.attrs['out_dir']}: report.csv, groups.csv, "
+        + ", ".join(Path(f).name for f in df.attrs["figures"])
+    )
 
 
 if __name__ == "__main__":

@@ -47,4 +47,7 @@ def test_evaluate_reproduces_the_runs_test_metrics(tiny_cfg, tmp_path, cache_dir
     assert {r["split"] for r in rows} == {"val", "test"}
     test_rows = [r for r in rows if r["split"] == "test"]
     assert sorted(r["domain"] for r in test_rows) == sorted(domains * 2)
-    assert all(r["prompt"] and r["reference"] and r["teacher"] is not None and r["student_sample"] is not None for r in test_rows)
+    assert all(
+        r["prompt"] and r["reference"] and r["teacher"] is not None and r["student_sample"] is not None
+        for r in test_rows
+    )

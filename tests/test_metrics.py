@@ -7,7 +7,14 @@ import torch
 
 from kdlab.data.suite import build_tokenizer
 from kdlab.losses.base import IGNORE_INDEX
-from kdlab.metrics import EvalSettings, GrammarTrueKL, GrammarValidity, ModelEval, NextTokenCalibrationError, SampleTable
+from kdlab.metrics import (
+    EvalSettings,
+    GrammarTrueKL,
+    GrammarValidity,
+    ModelEval,
+    NextTokenCalibrationError,
+    SampleTable,
+)
 
 
 def _positions(probs: list[list[float]], labels: list[int]):
@@ -52,7 +59,11 @@ TRUE = [
 
 
 def _grammar_batch(tok):
-    ids = [tok.bos_token_id, *tok("say the = big cat sees a dog .", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    ids = [
+        tok.bos_token_id,
+        *tok("say the = big cat sees a dog .", add_special_tokens=False)["input_ids"],
+        tok.eos_token_id,
+    ]
     labels = [IGNORE_INDEX] * len(ids)
     start = 3  # the position of "=", which predicts the first answer word
     for t in range(start, len(ids) - 1):
@@ -123,7 +134,10 @@ def test_model_eval_rouge_averages_samples_then_domains_and_names_metrics():
         samples=[["a b c d", "a b"], ["cat sees a dog ."], ["fox likes the"]],
     )
     input_ids, labels, _ = _grammar_batch(tok)
-    ev.update_logits(torch.zeros(1, input_ids.shape[1], len(tok)), {"input_ids": input_ids, "labels": labels, "domain": torch.tensor([1])})
+    ev.update_logits(
+        torch.zeros(1, input_ids.shape[1], len(tok)),
+        {"input_ids": input_ids, "labels": labels, "domain": torch.tensor([1])},
+    )
     out = ev.compute("teacher_", with_exact=False)
     assert out["copy/teacher_rougeL"].item() == pytest.approx(5 / 6)
     # "fox likes the" vs "fox likes the cat": the normaliser drops ".", so P 1, R 3/4, F1 6/7

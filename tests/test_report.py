@@ -72,12 +72,19 @@ def test_report_builds_the_tidy_table_the_group_table_and_the_pngs(sweep, tmp_pa
     assert set(df.columns) == {"sweep", "job", "group", "seed", "model", "metric", "value"}
     assert len(df) == 3 * 9  # three finished jobs x nine values; the teacher's are rows of their own
     teacher = df[df["model"] == "teacher"]
-    assert set(teacher["group"]) == {"teacher"} and set(teacher["metric"]) == {"test/exact_match", "test/ppl", "test/a/exact_match", "test/a/ppl"}
+    assert set(teacher["group"]) == {"teacher"} and set(teacher["metric"]) == {
+        "test/exact_match",
+        "test/ppl",
+        "test/a/exact_match",
+        "test/a/ppl",
+    }
 
     table = group_table(df)
     assert list(table.index) == ["loss=ce", "loss=fkl", "teacher"]
     assert table.loc["loss=ce", ("test/exact_match", "mean")] == pytest.approx(0.3)
-    assert table.loc["loss=ce", ("test/exact_match", "std")] == pytest.approx(0.02**0.5)  # sample std (ddof=1) of 0.2, 0.4
+    assert table.loc["loss=ce", ("test/exact_match", "std")] == pytest.approx(
+        0.02**0.5
+    )  # sample std (ddof=1) of 0.2, 0.4
     assert table.loc["loss=ce", ("test/exact_match", "count")] == 2
     assert table.loc["teacher", ("test/ppl", "mean")] == pytest.approx(2.0)
     assert group_table(df, as_text=True).loc["loss=ce", "test/ppl"] == "5 ± 1.4 (2)"
@@ -130,16 +137,22 @@ def test_notebook_runs_top_to_bottom_on_a_tiny_sweep(tmp_path, cache_dir):
     h = history(sweep / "0")
     assert h is not None and h["val/loss"].notna().sum() == 2
     (run_file,) = (sweep / "0").glob("wandb/offline-run-*/run-*.wandb")
-    config = {u.key for r in wandb_records(run_file) if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    config = {
+        u.key for r in wandb_records(run_file) if r.WhichOneof("record_type") == "config" for u in r.config.update
+    }
     assert {"model", "loss", "data", "trainer", "eval", "seed"} <= config
     tables = run_file.parent / "files" / "media" / "table"
-    assert len(list((tables / "val").glob("samples_*.table.json"))) == 3  # two validations in fit, one of the best checkpoint
+    assert (
+        len(list((tables / "val").glob("samples_*.table.json"))) == 3
+    )  # two validations in fit, one of the best checkpoint
     assert list((tables / "test").glob("samples_*.table.json"))
 
     nb = nbformat.read(ROOT / "notebooks" / "compare_runs.ipynb", as_version=4)
     os.environ["KDLAB_SWEEP"] = str(sweep)  # the kernel inherits the environment
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+        ).execute()
     finally:
         del os.environ["KDLAB_SWEEP"]
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
