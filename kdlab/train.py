@@ -76,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
     metrics = dict(sorted(metrics.items()))
+    if not trainer.is_global_zero:
+        return metrics  # under DDP, rank 0 alone writes the run's files
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     student.save_pretrained(out_dir / "student")
     tokenizer.save_pretrained(out_dir / "student")

@@ -4,8 +4,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
+
+# Tiny models run fastest single-threaded, and a 2-core machine stalls badly when torch
+# processes (this one, and subprocess runs that inherit the variable) each spin two threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
