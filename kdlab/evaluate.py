@@ -78,6 +78,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         (trainer.validate if split == "val" else trainer.test)(module, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{split}/")})
     metrics = dict(sorted(metrics.items()))
+    if not trainer.is_global_zero:
+        return metrics  # under DDP, rank 0 alone writes the files
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if logger:
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
