@@ -172,8 +172,8 @@ class DistillModule(L.LightningModule):
         """Rollouts of left-padded prompts; the student samples in eval mode (no dropout), as it is
         then the policy whose log-probs the loss treats as q_old."""
         settings = self.loss.rollout
-        if self._rollout_generator is None:  # its own stream from the run's seed; the global RNG is untouched
-            self._rollout_generator = torch.Generator(prompt_ids.device).manual_seed(torch.initial_seed())
+        if self._rollout_generator is None:  # its own stream from the run's seed (and rank); the global RNG is untouched
+            self._rollout_generator = torch.Generator(prompt_ids.device).manual_seed(torch.initial_seed() + self.global_rank)
         was_training = self.student.training
         self.student.eval()
         try:

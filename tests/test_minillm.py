@@ -312,6 +312,8 @@ def test_loss_terms_and_logs_at_the_old_policy():
         MiniLLM()(KDBatch(student_logits=batch.student_logits, teacher_logits=batch.teacher_logits, labels=batch.labels))
     with pytest.raises(ValueError, match="clip_eps"):
         MiniLLM(clip_eps=1.5)
+    with pytest.raises(ValueError, match="fraction"):
+        MiniLLM(rollout=RolloutSettings(fraction=0.5))
 
 
 # -- end to end -----------------------------------------------------------------------------------

@@ -201,6 +201,8 @@ class MiniLLM:
         self.reward_clip = reward_clip
         self.pt_kd_ratio = pt_kd_ratio
         self.rollout = rollout if rollout is not None else RolloutSettings(teacher_mix=0.2)
+        if self.rollout.fraction != 1.0:
+            raise ValueError(f"loss.rollout.fraction={self.rollout.fraction}: MiniLLM trains on rollouts at every step; it must be 1")
         # what the module must add to each batch: the plain text, and the teacher on it
         self.needs_plain_text = lm_coef > 0
         self.needs_plain_text_teacher = lm_coef > 0 and pt_kd_ratio > 0
