@@ -115,22 +115,25 @@ def tidy(jobs_df: pd.DataFrame) -> pd.DataFrame:
 def group_table(df: pd.DataFrame, metrics=None, as_text: bool = False) -> pd.DataFrame:
     """Groups × metrics: mean, std (over seeds; ddof=1) and count, the teacher as the last row.
 
-    ``as_text``: one column per metric holding "mean ± std (n)" strings, for reading."""
+    ``as_text``: one column per metric holding "mean ± std (n)" strings, for reading (the teacher's
+    value alone: every job has the same teacher)."""
     metrics = list(metrics or [m for m, _ in FINAL_METRICS if m in set(df["metric"])])
     sel = df[df["metric"].isin(metrics)]
     table = sel.groupby(["group", "metric"])["value"].agg(["mean", "std", "count"]).unstack("metric")
     table = table.swaplevel(axis=1).reindex(columns=pd.MultiIndex.from_product([metrics, ["mean", "std", "count"]]))
     order = [g for g in table.index if g != TEACHER] + ([TEACHER] if TEACHER in table.index else [])
-    table = table.loc[order].dropna(axis=1, how="all")
+    present = [m for m in metrics if table[(m, "mean")].notna().any()]  # std is all NaN with one seed: kept
+    table = table.loc[order, present]
     if not as_text:
         return table
     text = pd.DataFrame(index=table.index)
     for metric in dict.fromkeys(table.columns.get_level_values(0)):
         mean, std, n = (table[(metric, k)] for k in ("mean", "std", "count"))
-        text[metric] = [
-            "" if pd.isna(m) else f"{m:.4g}" + ("" if pd.isna(s) else f" ± {s:.2g}") + f" ({int(c)})"
-            for m, s, c in zip(mean, std, n)
-        ]
+        cells = []
+        for g, m, s, c in zip(table.index, mean, std, n):
+            spread = "" if pd.isna(s) else f" ± {s:.2g}"
+            cells.append("" if pd.isna(m) else f"{m:.4g}" if g == TEACHER else f"{m:.4g}{spread} ({int(c)})")
+        text[metric] = cells
     return text
 
 

@@ -88,6 +88,9 @@ def test_report_builds_the_tidy_table_the_group_table_and_the_pngs(sweep, tmp_pa
     assert table.loc["loss=ce", ("test/exact_match", "count")] == 2
     assert table.loc["teacher", ("test/ppl", "mean")] == pytest.approx(2.0)
     assert group_table(df, as_text=True).loc["loss=ce", "test/ppl"] == "5 ± 1.4 (2)"
+    one_seed = group_table(df[df["seed"] == 0], as_text=True)  # no std anywhere
+    assert one_seed.loc["loss=ce", "test/ppl"] == "4 (1)" and one_seed.loc["teacher", "test/ppl"] == "2"
+    assert "test/top1_agreement" in one_seed and "test/rougeL" not in one_seed
     assert best_groups(df)["test/exact_match"] == "loss=fkl" and best_groups(df)["test/ppl"] == "loss=fkl"
 
     out = tmp_path / "out"
