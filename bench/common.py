@@ -56,3 +56,9 @@ def interleaved_medians(fns: dict, device: str, repeats: int, warmup: int = 3) -
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± sample std`` of a list (std 0 for a single value)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"

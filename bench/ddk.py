@@ -36,9 +36,6 @@ def gaps(metrics: dict[str, float], domains: list[str]) -> dict[str, float]:
     return {"worst": ratios[worst], "worst_domain": worst, "mean": statistics.fmean(ratios.values()), **ratios}
 
 
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    from bench.common import default_config
+    from bench.common import default_config, mean_std
     from kdlab.train import run
 
     out = Path(args.out)
