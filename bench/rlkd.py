@@ -65,7 +65,7 @@ def comparison(seeds: list[int], steps: int, out: Path, overrides: list[str]) ->
     for seed in seeds:
         for name, variant in VARIANTS.items():
             cfg = default_config(*variant, f"seed={seed}", f"trainer.max_steps={steps}", "logger=csv", "+trainer.enable_progress_bar=false", *overrides)
-            cfg.paths.output_dir = str(out / f"{name.replace('+', '_R')}-seed{seed}")
+            cfg.paths.output_dir = str(out / f"{name.replace('+R', '_R')}-seed{seed}")
             metrics = run(cfg)
             results[name].append(metrics)
             print(f"{name:<6} seed {seed}: " + ", ".join(f"{c} {metrics[k]:.4f}" for c, k in COLUMNS.items()), flush=True)
