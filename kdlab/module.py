@@ -111,10 +111,12 @@ class DistillModule(L.LightningModule):
             if loss is not None:  # None: this step trains on the data batch, as below
                 return loss
         # -------------------------------------------------------------------------------------------
-        needs_teacher = getattr(self.loss, "needs_teacher", True)
+        # The teacher runs first: run after the student, its forward competes for memory with the
+        # student's live autograd graph, which cost ~25% of a step on CPU (bench/step_overhead.py).
+        teacher_logits = self.teacher_logits(batch) if getattr(self.loss, "needs_teacher", True) else None
         kd_batch = KDBatch(
             student_logits=self._logits(self.student, batch),
-            teacher_logits=self.teacher_logits(batch) if needs_teacher else None,
+            teacher_logits=teacher_logits,
             labels=batch["labels"],
             domain=batch["domain"],
             num_tokens=self._num_tokens(batch["labels"]),
