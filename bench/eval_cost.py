@@ -111,13 +111,14 @@ def main() -> None:
     times = {name: [] for name in settings}
     for _ in range(args.repeats):
         for name, (greedy, eval_settings) in settings.items():
-            module.generate_in_validation, module.eval_settings = greedy, eval_settings
-            module._evals = None  # rebuilt with these settings
+            module.generate_in_validation = greedy
+            module.evaluation.settings, module.evaluation.models = eval_settings, None  # rebuilt with these settings
             start = time.perf_counter()
             trainer.validate(module, datamodule=datamodule, verbose=False)
             times[name].append(time.perf_counter() - start)
 
-    module.generate_in_validation, module.eval_settings, module._evals = True, default, None
+    module.generate_in_validation = True
+    module.evaluation.settings, module.evaluation.models = default, None
     start = time.perf_counter()
     trainer.test(
         module, datamodule=datamodule, verbose=False
@@ -126,7 +127,7 @@ def main() -> None:
 
     print(
         f"device={args.accelerator} torch threads={torch.get_num_threads()} steps={steps} val_check_interval={interval} "
-        f"val examples={len(datamodule.examples['val'])} eval: {default}"
+        f"val examples={len(datamodule.records['val'])} eval: {default}"
     )
     print(
         f"fit: {fit_time:.1f} s = training {training:.1f} s ({training / steps * 1e3:.1f} ms/step) + {len(fit_validations)} validations {validation:.1f} s "

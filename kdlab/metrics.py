@@ -11,8 +11,8 @@ reference), per domain and overall; :class:`DistillModule` feeds it and logs ``c
                                    tokens (``MulticlassCalibrationError``, L1, equal-width bins)
 ``rouge1|rouge2|rougeL``           ROUGE F1 of SAMPLED responses against the reference
                                    (``ROUGEScore``), per domain and mean over domains
-``grammar/true_kl``                KL(p_true ‖ q) on the grammar domain's answer positions
-``grammar/valid_fraction``         sampled grammar continuations that are valid sentences
+``<extra>``                        data-specific metrics from the DataModule's ``extra_metrics``
+                                   (the built-in suite: ``grammar/true_kl|valid_fraction``)
 =================================  ==========================================================
 
 Sampled responses follow MiniLLM's evaluation protocol (Gu et al., ICLR 2024, arXiv
@@ -37,7 +37,6 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.text import Perplexity, ROUGEScore
 
-from kdlab.data.suite import Grammar
 from kdlab.losses.base import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -100,94 +99,17 @@ class NextTokenCalibrationError(MulticlassCalibrationError):
             super().update(logits[keep].float().softmax(-1), labels[keep])
 
 
-class GrammarTrueKL(Metric):
-    """Mean KL(p_true ‖ q) over the grammar domain's answer positions, in nats.
-
-    p_true is the grammar's exact next-token distribution given the sentence prefix
-    (``Grammar.next_token_distribution``), q the model's softmax at that position, both
-    teacher-forced on the reference sentence. The direction is forward, from the truth: it is
-    finite for any model (q > 0 everywhere) and is the excess cross-entropy of the model over
-    the grammar's entropy; the reverse KL(q ‖ p_true) is infinite as soon as the model puts any
-    mass on a token the grammar forbids, which a softmax always does.
-
-    ``update(logits (B, T, V), input_ids (B, T), labels (B, T))`` takes grammar rows only; the
-    context of position t is ``input_ids[:, :t+1]`` without special tokens (``say w1 = a b``).
-    The tokenizer must hold each grammar word as one token (the built-in suite's does).
-    """
-
-    full_state_update = False
-    higher_is_better = False
-    is_differentiable = False
-
-    def __init__(self, tokenizer, grammar: Grammar | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.grammar = grammar or Grammar()
-        words = [w for w in dict.fromkeys(w for state in self.grammar.table.values() for w in state)]
-        ids = tokenizer.convert_tokens_to_ids(words)
-        unknown = [w for w, i in zip(words, ids) if i is None or i == tokenizer.unk_token_id]
-        if unknown:
-            raise ValueError(
-                f"grammar words {unknown} are not single tokens of this tokenizer; the grammar's true KL needs the suite's tokenizer"
-            )
-        self.word_ids = dict(zip(words, ids)) | {"<eos>": tokenizer.eos_token_id}
-        self.id_to_token = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self.special_ids = set(tokenizer.all_special_ids)
-        self._true: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}  # a prefix's p_true, computed once
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float32), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def true_distribution(self, context: tuple[str, ...]) -> tuple[list[int], list[float]]:
-        """Token ids and probabilities of p_true after ``context`` (``say w1 = a b``)."""
-        if context not in self._true:
-            dist = self.grammar.next_token_distribution(self.grammar.prefix(context))
-            self._true[context] = ([self.word_ids[w] for w in dist], list(dist.values()))
-        return self._true[context]
-
-    def update(self, logits: Tensor, input_ids: Tensor, labels: Tensor) -> None:
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return
-        p_true = torch.zeros(rows.numel(), logits.shape[-1])
-        tokens = input_ids.tolist()
-        for n, (b, t) in enumerate(zip(rows.tolist(), cols.tolist())):
-            context = tuple(self.id_to_token[i] for i in tokens[b][: t + 1] if i not in self.special_ids)
-            ids, probs = self.true_distribution(context)
-            p_true[n, ids] = torch.tensor(probs)
-        p_true = p_true.to(logits.device)
-        log_q = logits[rows, cols].float().log_softmax(-1)
-        kl = torch.where(p_true > 0, p_true * (p_true.clamp_min(1e-30).log() - log_q), 0.0).sum(-1)
-        self.total += kl.sum()
-        self.count += rows.numel()
-
-    def compute(self) -> Tensor:
-        return self.total / self.count.clamp(min=1)
-
-
-class GrammarValidity(MeanMetric):
-    """Fraction of continuations that complete their prompt into a valid sentence of the grammar.
-
-    ``update(prompts, outputs)``: ``say the big =`` + ``cat sees a dog .`` is valid; an output that
-    stops early, runs on after ``.``, or uses a word the grammar forbids at that point is not.
-    """
-
-    def __init__(self, grammar: Grammar | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.grammar = grammar or Grammar()
-
-    def update(self, prompts: list[str], outputs: list[str]) -> None:  # type: ignore[override]
-        if prompts:
-            super().update(torch.tensor([float(self.grammar.check(p, o)) for p, o in zip(prompts, outputs)]))
-
-
 class ModelEval(torch.nn.Module):
     """Every metric of one model over one evaluation pass, per domain and overall.
 
-    ``grammar_tokenizer`` switches the grammar metrics on (the data has the built-in ``grammar``
-    domain). Overall exact match and ROUGE are means over domains (each domain weighs the same,
-    whatever its number of examples); perplexity and ECE are over all answer tokens.
+    ``extras``: data-specific metrics (e.g. the built-in suite's grammar metrics, from the
+    DataModule's ``extra_metrics``), each with ``update_logits(logits, batch)``,
+    ``update_samples(domains, prompts, samples)`` and ``compute(prefix) -> dict``. Overall exact
+    match and ROUGE are means over the domains that have them (each domain weighs the same,
+    whatever its number of examples); perplexity and ECE are over all target tokens.
     """
 
-    def __init__(self, domains: list[str], num_classes: int, settings: EvalSettings, grammar_tokenizer=None):
+    def __init__(self, domains: list[str], num_classes: int, settings: EvalSettings, extras=()):
         super().__init__()
         self.domains = list(domains)
         n = len(domains)
@@ -198,17 +120,9 @@ class ModelEval(torch.nn.Module):
         self.rouge = torch.nn.ModuleList(
             ROUGEScore(rouge_keys=ROUGE_KEYS, use_stemmer=settings.rouge_stemmer) for _ in range(n)
         )
-        self.grammar_index = (
-            domains.index("grammar") if grammar_tokenizer is not None and "grammar" in domains else None
-        )
-        if self.grammar_index is not None:
-            try:
-                self.true_kl = GrammarTrueKL(grammar_tokenizer)
-            except ValueError as err:  # the suite with a foreign tokenizer: the other metrics still apply
-                log.warning("grammar metrics are off: %s", err)
-                self.grammar_index = None
-            self.valid = GrammarValidity()
-        self.sampled = False
+        self.extras = torch.nn.ModuleList(extras)
+        self._exact_domains: set[int] = set()
+        self._sampled_domains: set[int] = set()
 
     def update_logits(self, logits: Tensor, batch: dict) -> None:
         labels, domain = batch["labels"], batch["domain"]
@@ -218,27 +132,28 @@ class ModelEval(torch.nn.Module):
             rows = domain == d
             if rows.any():
                 metric.update(logits[rows].float(), labels[rows])
-        if self.grammar_index is not None and (rows := domain == self.grammar_index).any():
-            self.true_kl.update(logits[rows], batch["input_ids"][rows], labels[rows])
+        for extra in self.extras:
+            extra.update_logits(logits, batch)
 
     def update_exact(self, domains: list[int], correct: list[bool]) -> None:
         for d, ok in zip(domains, correct):
             self.exact[d].update(float(ok))
+            self._exact_domains.add(d)
 
     def update_samples(
         self, domains: list[int], prompts: list[str], references: list[str], samples: list[list[str]]
     ) -> None:
         """``samples[i]``: the responses sampled for prompt i (one per seed)."""
-        self.sampled = True
         for d in set(domains):
             rows = [i for i, di in enumerate(domains) if di == d]
             self.rouge[d].update(
                 [s for i in rows for s in samples[i]], [references[i] for i in rows for _ in samples[i]]
             )
-            if d == self.grammar_index:
-                self.valid.update([prompts[i] for i in rows for _ in samples[i]], [s for i in rows for s in samples[i]])
+            self._sampled_domains.add(d)
+        for extra in self.extras:
+            extra.update_samples(domains, prompts, samples)
 
-    def compute(self, prefix: str, with_exact: bool) -> dict[str, Tensor]:
+    def compute(self, prefix: str) -> dict[str, Tensor]:
         out = {f"{prefix}ppl": self.all_ppl.compute()}
         if self.ece.update_called:
             out[f"{prefix}ece"] = self.ece.compute()
@@ -246,33 +161,33 @@ class ModelEval(torch.nn.Module):
             ppl = self.ppl[d].compute()
             out[f"{name}/{prefix}ppl"] = ppl
             out[f"{name}/{prefix}loss"] = ppl.log()
-        if with_exact:
-            scores = [self.exact[d].compute() for d in range(len(self.domains))]
-            for name, score in zip(self.domains, scores):
-                out[f"{name}/{prefix}exact_match"] = score
+        exact = sorted(self._exact_domains)  # domains of plain text have no generation
+        if exact:
+            scores = [self.exact[d].compute() for d in exact]
+            for d, score in zip(exact, scores):
+                out[f"{self.domains[d]}/{prefix}exact_match"] = score
             out[f"{prefix}exact_match"] = torch.stack(scores).mean()
-        if self.grammar_index is not None and self.true_kl.update_called:
-            out[f"grammar/{prefix}true_kl"] = self.true_kl.compute()
-        if self.sampled:
-            per_domain = [self.rouge[d].compute() for d in range(len(self.domains))]
-            for name, scores in zip(self.domains, per_domain):
-                out[f"{name}/{prefix}rougeL"] = scores["rougeL_fmeasure"]
+        sampled = sorted(self._sampled_domains)
+        if sampled:
+            per_domain = [self.rouge[d].compute() for d in sampled]
+            for d, scores in zip(sampled, per_domain):
+                out[f"{self.domains[d]}/{prefix}rougeL"] = scores["rougeL_fmeasure"]
             for key in ROUGE_KEYS:
                 out[f"{prefix}{key}"] = torch.stack([s[f"{key}_fmeasure"] for s in per_domain]).mean()
-            if self.grammar_index is not None:
-                out[f"grammar/{prefix}valid_fraction"] = self.valid.compute()
+        for extra in self.extras:
+            out.update(extra.compute(prefix))
         return out
 
     def reset(self) -> None:
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
-        self.sampled = False
+        self._exact_domains, self._sampled_domains = set(), set()
 
 
-def decode_responses(tokenizer, rows: list[list[int]]) -> list[str]:
-    """Generated token ids → text, cut at the first ``<eos>``."""
-    eos = tokenizer.eos_token_id
+def decode_responses(tokenizer, rows: list[list[int]], eos: int | None = None) -> list[str]:
+    """Generated token ids → text, cut at the first ``eos`` (default the tokenizer's ``<eos>``)."""
+    eos = tokenizer.eos_token_id if eos is None else eos
     return [
         tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids, skip_special_tokens=True).strip() for ids in rows
     ]

@@ -1,9 +1,9 @@
 """DistillModule: a frozen teacher, a student, and one pluggable loss callable.
 
 The module never knows which loss it holds: it runs the forwards, hands a :class:`KDBatch` to
-the loss and logs the :class:`LossOutput`. Evaluation (kdlab/metrics.py: per-domain perplexity,
-greedy exact match, calibration, ROUGE and grammar metrics of sampled responses, teacher–student
-agreement, a table of sample generations) runs in every validation and test pass.
+the loss and logs the :class:`LossOutput`. Validation and test passes are handed to
+:class:`kdlab.evaluation.Evaluation` (per-domain perplexity, generations, ROUGE, calibration,
+agreement, the samples table), which ``python -m kdlab.evaluate`` shares.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from kdlab.agreement import AgreementMetrics
-from kdlab.data.datamodule import SuiteChecker
+from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
-from kdlab.metrics import EvalSettings, ModelEval, SampleTable, decode_responses
+from kdlab.metrics import EvalSettings
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
 
 
@@ -65,15 +64,10 @@ class DistillModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.generate_in_validation = generate_in_validation
-        self.eval_settings = eval_settings or EvalSettings()
-        self._table = SampleTable(self.eval_settings.table_rows)
-        self._teacher_outputs: dict[tuple[str, int], str] = {}  # greedy outputs of the frozen teacher, for the table
+        self.evaluation = Evaluation(eval_settings, tokenizer, vocab_size)
         self.strict_loading = False  # checkpoints hold no teacher weights
-        self.teacher_val_ppl: dict[str, float] | None = None  # the frozen teacher's, measured once
-        self._evals: torch.nn.ModuleDict | None = None  # ModelEval per role, built once the data's domains are known
         self._rollout_buffer: RolloutBuffer | None = None  # for losses that need rollouts (MiniLLM, on-policy KD)
         self._rollout_generator: torch.Generator | None = None
-        self.agreement = AgreementMetrics()  # RLKD's top-k agreement, logged for every objective
 
     # -- the frozen teacher -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -88,13 +82,13 @@ class DistillModule(L.LightningModule):
             del state[key]
 
     # -- forwards -----------------------------------------------------------------------------
-    def _logits(self, model, batch: dict) -> Tensor:
+    def logits(self, model, batch: dict) -> Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return logits if self.vocab_size is None else logits[..., : self.vocab_size]
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> Tensor:
-        return self._logits(self.teacher, batch)
+        return self.logits(self.teacher, batch)
 
     def _num_tokens(self, labels: Tensor) -> Tensor:
         # DDP averages gradients over ranks, so dividing each rank's sum by the mean count across
@@ -115,7 +109,7 @@ class DistillModule(L.LightningModule):
         # student's live autograd graph, which cost ~25% of a step on CPU (bench/step_overhead.py).
         teacher_logits = self.teacher_logits(batch) if getattr(self.loss, "needs_teacher", True) else None
         kd_batch = KDBatch(
-            student_logits=self._logits(self.student, batch),
+            student_logits=self.logits(self.student, batch),
             teacher_logits=teacher_logits,
             labels=batch["labels"],
             domain=batch["domain"],
@@ -144,16 +138,21 @@ class DistillModule(L.LightningModule):
         labels = rollout.labels
         plain = None
         if getattr(self.loss, "needs_plain_text", False):
-            plain_labels = plain_text_labels(batch["input_ids"], batch["attention_mask"])
+            # the data's pre-training corpus (data.pretrain) when it has one, else the batch's own sequences
+            text = batch.get("plain") or {
+                "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"],
+                "labels": plain_text_labels(batch["input_ids"], batch["attention_mask"]),
+            }
             plain = KDBatch(
-                student_logits=self._logits(self.student, batch),
-                teacher_logits=self.teacher_logits(batch) if getattr(self.loss, "needs_plain_text_teacher", False) else None,
-                labels=plain_labels,
+                student_logits=self.logits(self.student, text),
+                teacher_logits=self.teacher_logits(text) if getattr(self.loss, "needs_plain_text_teacher", False) else None,
+                labels=text["labels"],
                 domain=batch["domain"],
-                num_tokens=self._num_tokens(plain_labels),
+                num_tokens=self._num_tokens(text["labels"]),
             )
         kd_batch = RolloutKDBatch(
-            student_logits=self._logits(self.student, inputs),
+            student_logits=self.logits(self.student, inputs),
             teacher_logits=self.teacher_logits(inputs),
             labels=labels,
             domain=rollout.domain,
@@ -184,7 +183,7 @@ class DistillModule(L.LightningModule):
                 self.teacher,
                 prompt_ids,
                 prompt_mask,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.trainer.datamodule.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 max_new_tokens=settings.max_new_tokens or self.trainer.datamodule.max_new_tokens,
                 teacher_mix=teacher_mix,
@@ -195,158 +194,23 @@ class DistillModule(L.LightningModule):
         finally:
             self.student.train(was_training)
 
-    # -- evaluation ---------------------------------------------------------------------------
+    # -- evaluation (kdlab/evaluation.py, shared with kdlab.evaluate) -------------------------
     @property
-    def domains(self) -> list[str]:
-        return self.trainer.datamodule.domains
-
-    def _eval_for(self, role: str) -> ModelEval:
-        if self._evals is None:
-            checker = getattr(self.trainer.datamodule, "checker", None)
-            grammar = self.tokenizer if isinstance(checker, SuiteChecker) else None  # the built-in grammar domain
-            evals = {}
-            for name, model in (("student", self.student), ("teacher", self.teacher)):
-                if model is not None:
-                    num_classes = self.vocab_size or model.get_output_embeddings().weight.shape[0]
-                    evals[name] = ModelEval(self.domains, num_classes, self.eval_settings, grammar)
-            self._evals = torch.nn.ModuleDict(evals).to(self.device)
-        return self._evals[role]
-
-    @torch.no_grad()
-    def generate(self, model, batch: dict) -> list[str]:
-        """Greedy continuations of the batch's left-padded prompts, decoded up to ``<eos>``."""
-        tok = self.tokenizer
-        out = model.generate(
-            input_ids=batch["prompt_ids"],
-            attention_mask=batch["prompt_mask"],
-            max_new_tokens=self.trainer.datamodule.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        return decode_responses(tok, out[:, batch["prompt_ids"].shape[1] :].tolist())
-
-    @torch.no_grad()
-    def sample_responses(self, model, batch: dict, num_samples: int, batch_idx: int) -> list[list[str]]:
-        """``num_samples`` sampled responses per prompt of the batch (MiniLLM's evaluation protocol).
-
-        Drawn with kdlab.rollout's sampler from a generator seeded by (eval seed, batch index), so
-        a pass is reproducible and independent of the training RNG; every model gets the same seed
-        (common random numbers make the student–teacher comparison less noisy).
-        """
-        settings = self.eval_settings
-        generator = torch.Generator(self.device).manual_seed(settings.seed * 1_000_003 + batch_idx)
-        rollout = sample(
-            model,
-            None,
-            batch["prompt_ids"].repeat_interleave(num_samples, 0),
-            batch["prompt_mask"].repeat_interleave(num_samples, 0),
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            max_new_tokens=self.trainer.datamodule.max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            vocab_size=self.vocab_size,
-            generator=generator,
-        )
-        texts = decode_responses(self.tokenizer, [row[row != IGNORE_INDEX].tolist() for row in rollout.labels])
-        return [texts[i : i + num_samples] for i in range(0, len(texts), num_samples)]
-
-    def _eval_step(self, batch: dict, batch_idx: int, split: str, with_teacher: bool, with_exact: bool) -> None:
-        dm = self.trainer.datamodule
-        settings = self.eval_settings
-        num_samples = settings.num_samples if split == "test" else settings.val_num_samples
-        indices, domains = batch["index"].tolist(), batch["domain"].tolist()
-        examples = [dm.examples[split][i] for i in indices]
-        student_logits = self._logits(self.student, batch)
-        teacher_logits = self.teacher_logits(batch) if self.teacher is not None else None
-        if teacher_logits is not None:
-            self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
-        texts = {}  # role -> (greedy outputs or None, sampled responses or None)
-        roles = (("student", self.student, student_logits), ("teacher", self.teacher, teacher_logits))
-        for role, model, logits in roles:
-            if model is None or (role == "teacher" and not with_teacher):
-                continue
-            evaluator = self._eval_for(role)
-            evaluator.update_logits(logits, batch)
-            greedy = self.generate(model, batch) if with_exact else None
-            if greedy is not None:
-                evaluator.update_exact(domains, [dm.check(split, i, out) for i, out in zip(indices, greedy)])
-                if role == "teacher":
-                    self._teacher_outputs.update({(split, i): out for i, out in zip(indices, greedy)})
-            samples = self.sample_responses(model, batch, num_samples, batch_idx) if num_samples else None
-            if samples is not None:
-                evaluator.update_samples(domains, [e.prompt for e in examples], [e.answer for e in examples], samples)
-            texts[role] = (greedy, samples)
-        self._add_table_rows(batch, split, examples, texts)
-
-    def _add_table_rows(self, batch: dict, split: str, examples: list, texts: dict) -> None:
-        """The batch's rows that belong in this pass's samples table (the first few of each domain)."""
-        rows = self._table.wanted(batch["domain"].tolist())
-        if not rows:
-            return
-        indices = batch["index"].tolist()
-
-        def subset(picked):
-            return {k: v[torch.tensor(picked, device=v.device)] for k, v in batch.items()}
-
-        greedy, samples = texts["student"]
-        student = [greedy[r] for r in rows] if greedy is not None else self.generate(self.student, subset(rows))
-        teacher = [""] * len(rows)
-        if self.teacher is not None:  # the frozen teacher's outputs never change: generated once per example
-            missing = [r for r in rows if (split, indices[r]) not in self._teacher_outputs]
-            if missing:
-                outputs = self.generate(self.teacher, subset(missing))
-                self._teacher_outputs.update({(split, indices[r]): out for r, out in zip(missing, outputs)})
-            teacher = [self._teacher_outputs[(split, indices[r])] for r in rows]
-        for j, r in enumerate(rows):
-            self._table.add(
-                split=split,
-                domain=examples[r].domain,
-                prompt=examples[r].prompt,
-                reference=examples[r].answer,
-                teacher=teacher[j],
-                student=student[j],
-                student_sample=samples[r][0] if samples is not None else "",
-            )
-
-    def _eval_epoch_end(self, split: str, with_teacher: bool, with_exact: bool) -> dict[str, Tensor]:
-        student = self._eval_for("student")
-        metrics = student.compute("", with_exact)
-        student.reset()
-        if with_teacher and self.teacher is not None:
-            teacher = self._eval_for("teacher")
-            metrics.update(teacher.compute("teacher_", with_exact))
-            teacher.reset()
-        metrics["loss"] = metrics["ppl"].log()
-        if self.teacher is not None:
-            metrics.update(self.agreement.compute())
-            self.agreement.reset()
-        self.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
-        if self.trainer.sanity_checking:
-            self._table = SampleTable(self.eval_settings.table_rows)  # not a real validation: dropped
-        else:
-            self._table.flush(self.trainer, split)
-        return metrics
+    def teacher_val_ppl(self) -> dict[str, float] | None:
+        """The frozen teacher's per-domain validation perplexities, measured once (DDK reads them)."""
+        return self.evaluation.teacher_val_ppl
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with_teacher = self.teacher_val_ppl is None
-        self._eval_step(batch, batch_idx, "val", with_teacher=with_teacher, with_exact=self.generate_in_validation)
+        self.evaluation.step(self, batch, batch_idx, "val", with_exact=self.generate_in_validation)
 
     def on_validation_epoch_end(self) -> None:
-        with_teacher = self.teacher_val_ppl is None
-        metrics = self._eval_epoch_end("val", with_teacher, self.generate_in_validation)
-        if with_teacher and self.teacher is not None and not self.trainer.sanity_checking:
-            self.teacher_val_ppl = {d: float(metrics[f"{d}/teacher_ppl"]) for d in self.domains}
-        if self.teacher_val_ppl is not None and not with_teacher:
-            # the cached teacher values, logged beside every validation for side-by-side curves
-            self.log_dict({f"val/{d}/teacher_ppl": v for d, v in self.teacher_val_ppl.items()})
+        self.evaluation.epoch_end(self, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test", with_teacher=True, with_exact=True)
+        self.evaluation.step(self, batch, batch_idx, "test", with_exact=True)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test", with_teacher=True, with_exact=True)
+        self.evaluation.epoch_end(self, "test")
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

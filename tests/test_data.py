@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kdlab.data.datamodule import KDDataModule, SuiteChecker
+from kdlab.data.datamodule import KDDataModule
+from kdlab.data.suite_eval import SuiteChecker
 from kdlab.data.sampler import DomainMixtureSampler
 from kdlab.data.suite import Example, build_suite, build_tokenizer
 from kdlab.losses import IGNORE_INDEX

@@ -1,4 +1,4 @@
-"""Evaluation metrics (kdlab/metrics.py) on hand-made cases with hand-computed values."""
+"""Evaluation metrics (kdlab/metrics.py, the suite's in kdlab/data/suite_eval.py) on hand-made cases with hand-computed values."""
 
 import math
 
@@ -7,14 +7,8 @@ import torch
 
 from kdlab.data.suite import build_tokenizer
 from kdlab.losses.base import IGNORE_INDEX
-from kdlab.metrics import (
-    EvalSettings,
-    GrammarTrueKL,
-    GrammarValidity,
-    ModelEval,
-    NextTokenCalibrationError,
-    SampleTable,
-)
+from kdlab.data.suite_eval import GrammarTrueKL, GrammarValidity, grammar_metrics
+from kdlab.metrics import EvalSettings, ModelEval, NextTokenCalibrationError, SampleTable
 
 
 def _positions(probs: list[list[float]], labels: list[int]):
@@ -124,7 +118,7 @@ def test_grammar_validity_accepts_and_rejects_the_right_strings():
 
 def test_model_eval_rouge_averages_samples_then_domains_and_names_metrics():
     tok = build_tokenizer()
-    ev = ModelEval(["copy", "grammar"], len(tok), EvalSettings(), grammar_tokenizer=tok)
+    ev = ModelEval(["copy", "grammar"], len(tok), EvalSettings(), grammar_metrics(tok, ["copy", "grammar"]))
     # copy: reference "a b c d"; samples "a b c d" (F1 1) and "a b" (P 1, R 1/2, F1 2/3) -> 5/6
     # grammar: one sample, identical to the reference -> 1; it is a valid sentence, the other is not
     ev.update_samples(
@@ -138,7 +132,7 @@ def test_model_eval_rouge_averages_samples_then_domains_and_names_metrics():
         torch.zeros(1, input_ids.shape[1], len(tok)),
         {"input_ids": input_ids, "labels": labels, "domain": torch.tensor([1])},
     )
-    out = ev.compute("teacher_", with_exact=False)
+    out = ev.compute("teacher_")
     assert out["copy/teacher_rougeL"].item() == pytest.approx(5 / 6)
     # "fox likes the" vs "fox likes the cat": the normaliser drops ".", so P 1, R 3/4, F1 6/7
     assert out["grammar/teacher_rougeL"].item() == pytest.approx((1 + 6 / 7) / 2)
@@ -146,7 +140,7 @@ def test_model_eval_rouge_averages_samples_then_domains_and_names_metrics():
     assert out["grammar/teacher_valid_fraction"].item() == pytest.approx(0.5)
     assert {"teacher_ppl", "teacher_ece", "grammar/teacher_true_kl", "teacher_rouge1", "teacher_rouge2"} <= set(out)
     ev.reset()
-    out = ev.compute("", with_exact=False)
+    out = ev.compute("")
     assert "rougeL" not in out and "grammar/valid_fraction" not in out  # nothing sampled since the reset
 
 

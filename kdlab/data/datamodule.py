@@ -1,8 +1,10 @@
-"""The DataModule: prompt/answer examples from several domains, tokenised for distillation.
+"""The DataModule: tokenised :class:`Record`s from several domains, served for distillation.
 
 Training batches follow a :class:`DomainMixtureSampler` (uniform over domains by default, any
 weights from the config, or DDK's moving weights). Validation and test batches keep every
-example once, in order, with left-padded prompts for generation and the reference answers.
+record once, in order, with left-padded prompts for generation and the reference answers.
+The built-in suite hands it :class:`Example`s (encoded here); file data
+(:class:`kdlab.data.files.FilesDataModule`) hands it records it tokenised itself.
 """
 
 from __future__ import annotations
@@ -11,30 +13,39 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
+from kdlab.data.records import Record, prompt_answer_record
 from kdlab.data.sampler import DomainMixtureSampler
-from kdlab.data.suite import Example
 from kdlab.losses.base import IGNORE_INDEX
 
-Checker = Callable[[Example, str], bool]
+Checker = Callable[[Record, str], bool]
 
 
-def exact_match(example: Example, output: str) -> bool:
-    """The default checker: the generation equals the reference answer (whitespace-normalised)."""
-    return " ".join(output.split()) == " ".join(example.answer.split())
+class ExactMatch:
+    """A checker: the generation equals the reference answer (whitespace-normalised)."""
+
+    def __call__(self, record: Record, output: str) -> bool:
+        return " ".join(output.split()) == " ".join(record.answer.split())
 
 
 class KDDataModule(L.LightningDataModule):
-    """Tokenises ``splits`` ({"train"|"val"|"test": [Example]}) and serves them to the trainer.
+    """Serves ``splits`` ({"train"|"val"|"test": [Record or suite Example]}) to the trainer.
 
-    Each sequence is ``<bos> prompt answer <eos>``; labels are aligned with the logits (position
-    t predicts token t+1) and count only answer tokens and the final ``<eos>``.
+    A suite ``Example`` becomes ``<bos> prompt answer <eos>`` with the answer and ``<eos>`` as
+    targets. Labels are aligned with the logits (position t predicts token t+1). ``checker``
+    scores greedy generations (exact match); None: no greedy generation at all. ``pretrain``:
+    records of plain text for a pre-training term (MiniLLM's L_PT), drawn as ``batch["plain"]``
+    beside every training batch; None: losses that need one use the batch's own sequences.
+    ``extra_metrics``: a factory ``(tokenizer, domains) -> [metric]`` of data-specific
+    evaluation metrics (the suite's grammar metrics). ``eos_token_id``: where generation stops
+    (default the tokenizer's). ``max_new_tokens``: the generation budget (default the longest
+    reference response).
     """
 
     def __init__(
         self,
-        splits: Mapping[str, Sequence[Example]],
+        splits: Mapping[str, Sequence],
         tokenizer,
         batch_size: int = 64,
         eval_batch_size: int = 128,
@@ -43,32 +54,44 @@ class KDDataModule(L.LightningDataModule):
         mixing: Mapping[str, float] | None = None,
         checker: Checker | None = None,
         seed: int = 0,
+        pretrain: Sequence[Record] | None = None,
+        extra_metrics: Callable | None = None,
+        eos_token_id: int | None = None,
+        max_new_tokens: int | None = None,
     ):
         super().__init__()
         missing = {"train", "val", "test"} - set(splits)
         if missing:
             raise ValueError(f"data splits {sorted(missing)} are missing; the data source must give train, val and test")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"data.batch_size and data.eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}")
         self.tokenizer = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_length, self.num_workers, self.seed = max_length, num_workers, seed
-        self.checker = checker or exact_match
-        self.examples = {name: list(split) for name, split in splits.items()}
-        self.domains = sorted({ex.domain for ex in self.examples["train"]})
+        self.checker = checker
+        self.extra_metrics = extra_metrics
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.records = {name: [self._encode(item) for item in split] for name, split in splits.items()}
+        self.pretrain = list(pretrain) if pretrain else None
+        self.domains = sorted({r.domain for r in self.records["train"]})
+        if not self.domains:
+            raise ValueError("the training split is empty; give the data source at least one training record")
         for split in ("val", "test"):
-            without = sorted(set(self.domains) - {ex.domain for ex in self.examples[split]})
+            without = sorted(set(self.domains) - {r.domain for r in self.records[split]})
             if without:
                 raise ValueError(
                     f"domain(s) {without} have training data but no {split} data; every domain needs "
                     f"{split} examples (to measure it and, under DDK, to weight it)"
                 )
-        self.encoded = {name: [self._encode(ex) for ex in split] for name, split in self.examples.items()}
         self._check_lengths()
-        self.max_new_tokens = max(len(e["answer_ids"]) for split in self.encoded.values() for e in split)
+        responses = [r.response_len for split in self.records.values() for r in split]
+        self.max_new_tokens = max_new_tokens or max(responses) or 1
         domain_indices = {d: [] for d in self.domains}
-        for i, ex in enumerate(self.examples["train"]):
-            domain_indices[ex.domain].append(i)
+        for i, r in enumerate(self.records["train"]):
+            domain_indices[r.domain].append(i)
         self.domain_indices = domain_indices
         self.sampler = DomainMixtureSampler(domain_indices, self._initial_weights(mixing), seed=seed)
+        self._pretrain_generator: torch.Generator | None = None
 
     def setup(self, stage: str) -> None:
         # Under DDP every rank's sampler draws the same weighted stream and keeps every
@@ -94,53 +117,76 @@ class KDDataModule(L.LightningDataModule):
             raise ValueError(f"data.mixing names unknown domain(s) {unknown}; the domains are {self.domains}")
         return {d: float(mixing.get(d, 0.0)) for d in self.domains}
 
-    def _encode(self, ex: Example) -> dict:
-        tok = self.tokenizer
-        prompt = [tok.bos_token_id] + tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        answer = tok(ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return {"prompt_ids": prompt, "answer_ids": answer, "domain": self.domains.index(ex.domain) if ex.domain in self.domains else -1}
+    def _encode(self, item) -> Record:
+        if isinstance(item, Record):
+            return item
+        tok = self.tokenizer  # a suite Example: <bos> prompt | answer <eos>
+        prompt = [tok.bos_token_id] + tok(item.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(item.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return prompt_answer_record(item.domain, prompt, answer, item.prompt, item.answer)
 
     def _check_lengths(self) -> None:
-        longest = max((e for split in self.encoded.values() for e in split), key=lambda e: len(e["prompt_ids"]) + len(e["answer_ids"]))
-        need = len(longest["prompt_ids"]) + len(longest["answer_ids"])
-        if need > self.max_length:
-            domain = self.domains[longest["domain"]] if longest["domain"] >= 0 else "?"
+        longest = max((r for split in self.records.values() for r in split), key=lambda r: len(r.input_ids))
+        if len(longest.input_ids) > self.max_length:
             raise ValueError(
-                f"data.max_length={self.max_length} is too small: an example of domain {domain!r} needs {need} tokens "
-                f"(<bos> + prompt: {len(longest['prompt_ids'])}, answer + <eos>: {len(longest['answer_ids'])}). "
-                f"Set data.max_length={need} or more."
+                f"data.max_length={self.max_length} is too small: a record of domain {longest.domain!r} needs "
+                f"{len(longest.input_ids)} tokens (prompt: {longest.prompt_len}, answer: {longest.response_len}). "
+                f"Set data.max_length={len(longest.input_ids)} or more."
             )
 
+    # -- batches ------------------------------------------------------------------------------
     def collate(self, items: list[dict]) -> dict:
+        records: list[Record] = [e["record"] for e in items]
+        batch = self._sequences(records)
         pad = self.tokenizer.pad_token_id
-        width = max(len(e["prompt_ids"]) + len(e["answer_ids"]) for e in items)
-        input_ids = torch.full((len(items), width), pad, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        prompt_width = max(len(e["prompt_ids"]) for e in items)
+        # prompts for generation, LEFT-padded; a record without a prompt (plain text) gets its
+        # first token and generate=False, so evaluation skips it
+        prompts = [r.input_ids[: max(r.prompt_len, 1)] for r in records]
+        prompt_width = max(len(p) for p in prompts)
         prompt_ids = torch.full((len(items), prompt_width), pad, dtype=torch.long)
         prompt_mask = torch.zeros((len(items), prompt_width), dtype=torch.long)
-        for i, e in enumerate(items):
-            seq = e["prompt_ids"] + e["answer_ids"]
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention_mask[i, : len(seq)] = 1
-            # logits at position t predict token t+1: the last prompt token predicts the first answer token
-            start = len(e["prompt_ids"]) - 1
-            labels[i, start : start + len(e["answer_ids"])] = torch.tensor(e["answer_ids"])
-            prompt_ids[i, prompt_width - len(e["prompt_ids"]) :] = torch.tensor(e["prompt_ids"])  # left padding
-            prompt_mask[i, prompt_width - len(e["prompt_ids"]) :] = 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "domain": torch.tensor([e["domain"] for e in items]),
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "index": torch.tensor([e["index"] for e in items]),
-        }
+        for i, p in enumerate(prompts):
+            prompt_ids[i, prompt_width - len(p) :] = torch.tensor(p)
+            prompt_mask[i, prompt_width - len(p) :] = 1
+        batch.update(
+            domain=torch.tensor([self.domains.index(r.domain) if r.domain in self.domains else -1 for r in records]),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            generate=torch.tensor([r.prompt_len > 0 for r in records]),
+            index=torch.tensor([e["index"] for e in items]),
+        )
+        return batch
+
+    def _sequences(self, records: Sequence[Record]) -> dict:
+        """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (aligned with the logits)."""
+        width = max(len(r.input_ids) for r in records)
+        input_ids = torch.full((len(records), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(records), width), dtype=torch.long)
+        for i, r in enumerate(records):
+            ids = torch.tensor(r.input_ids)
+            n = len(ids)
+            input_ids[i, :n] = ids
+            attention_mask[i, :n] = 1
+            # logits at position t predict token t+1
+            labels[i, : n - 1] = torch.where(torch.tensor(r.targets[1:]), ids[1:], IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _train_collate(self, items: list[dict]) -> dict:
+        batch = self.collate(items)
+        if self.pretrain:
+            batch["plain"] = self._sequences(self._draw_pretrain(len(items)))
+        return batch
+
+    def _draw_pretrain(self, n: int) -> list[Record]:
+        if self._pretrain_generator is None:  # own stream per loader worker, from the data seed
+            worker = get_worker_info()
+            self._pretrain_generator = torch.Generator().manual_seed(self.seed * 7919 + 17 + (worker.id if worker else 0))
+        picks = torch.randint(len(self.pretrain), (n,), generator=self._pretrain_generator)
+        return [self.pretrain[i] for i in picks.tolist()]
 
     def _dataset(self, split: str) -> list[dict]:
-        return [dict(e, index=i) for i, e in enumerate(self.encoded[split])]
+        return [{"record": r, "index": i} for i, r in enumerate(self.records[split])]
 
     def train_dataloader(self, sampler: DomainMixtureSampler | None = None) -> DataLoader:
         """Training batches drawn by ``sampler`` (default: this module's mixture sampler)."""
@@ -148,13 +194,19 @@ class KDDataModule(L.LightningDataModule):
             self._dataset("train"),
             batch_size=self.batch_size,
             sampler=sampler or self.sampler,
-            collate_fn=self.collate,
+            collate_fn=self._train_collate,
             num_workers=self.num_workers,
             drop_last=True,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._dataset(split), batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collate, num_workers=self.num_workers)
+        return DataLoader(
+            self._dataset(split),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -163,17 +215,6 @@ class KDDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def check(self, split: str, index: int, output: str) -> bool:
-        """Score one generated continuation of ``split``'s example ``index``."""
-        return bool(self.checker(self.examples[split][index], output))
+        """Score one generated continuation of ``split``'s record ``index`` (needs a checker)."""
+        return bool(self.checker(self.records[split][index], output))
 
-
-class SuiteChecker:
-    """Scores generations with each built-in domain's exact checker (e.g. any valid grammar sentence)."""
-
-    def __init__(self, domains: Sequence[str]):
-        from kdlab.data.suite import build_domains
-
-        self.by_name = {d.name: d for d in build_domains(domains)}
-
-    def __call__(self, example: Example, output: str) -> bool:
-        return self.by_name[example.domain].check(example.prompt, output)

@@ -1,0 +1,439 @@
+"""Your own data: JSONL, JSON, Parquet, CSV files or ``save_to_disk`` folders, split by domain.
+
+    python -m kdlab.train model=hf ... data=files data.train=chat.jsonl
+    python -m kdlab.train ... data=files 'data.train={math: m/*.jsonl, code: c.parquet}' data.val=val.jsonl
+
+Each file is read with the ``datasets`` library and tokenised with ``Dataset.map``, so a file's
+tokenised form is cached (in ``HF_DATASETS_CACHE``) under a fingerprint of the file, the tokenizer
+and these settings, and a second run skips the tokenisation. Record formats, detected per file
+from its fields (``data.format`` forces one, ``data.fields`` renames the fields):
+
+- ``messages``: a list of ``{role, content}`` turns, rendered by the tokenizer's chat template;
+  every assistant turn is a target (up to and including its end-of-turn token);
+- ``prompt`` / ``response``: rendered as a one-turn chat when the tokenizer has a chat template
+  (``data.chat_template``: auto | true | false), else ``prompt`` then ``response <eos>``; the
+  response is the target;
+- ``text``: plain language-model data, every token a target; ``data.packing`` concatenates a
+  domain's texts and cuts them into ``max_length`` blocks.
+
+A record longer than ``data.max_length`` loses its prompt from the left (the response is kept
+whole); one whose response cannot fit is dropped. Both are counted and logged, never trained on
+silently. Generation (evaluation, rollouts) starts where the last response starts and stops at
+the template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kdlab.data.datamodule import KDDataModule
+from kdlab.data.records import Record
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("messages", "prompt_response", "text")
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ROLES = ("system", "user", "assistant", "tool")
+RECIPE_VERSION = 1  # bump when the encoding below changes: cached tokenisations are then rebuilt
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file (or ``save_to_disk`` folder) and the domain its path mapping gives it (None: from the records)."""
+
+    path: Path
+    domain: str | None
+
+    def where(self, row: int) -> str:
+        """How a user finds record ``row`` of this file: its line for JSONL, its row otherwise."""
+        return f"{self.path}, line {row + 1}" if self.path.suffix == ".jsonl" else f"{self.path}, row {row}"
+
+
+def resolve(spec, name: str) -> list[Source]:
+    """``spec``: a path, a glob, a list of them, or a mapping ``domain -> path(s)``."""
+    if spec is None:
+        return []
+    if isinstance(spec, (DictConfig, ListConfig)):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, Mapping):
+        return [s for domain, paths in spec.items() for s in _expand(paths, name, str(domain))]
+    return _expand(spec, name, None)
+
+
+def _expand(paths, name: str, domain: str | None) -> list[Source]:
+    out = []
+    for pattern in [paths] if isinstance(paths, (str, Path)) else list(paths):
+        matches = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(str(pattern)) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"data.{name}: no file matches {pattern!r}")
+        for match in matches:
+            path = Path(match).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"data.{name}: {path} does not exist; give a path to a data file or folder")
+            if path.is_dir() and not (path / "dataset_info.json").is_file():
+                raise ValueError(
+                    f"data.{name}: {path} is a folder but not one written by Dataset.save_to_disk (no dataset_info.json); "
+                    f"give its files instead, e.g. '{path}/*.jsonl'"
+                )
+            if path.is_file() and path.suffix not in BUILDERS:
+                raise ValueError(f"data.{name}: {path} has an unknown extension; kdlab reads {sorted(BUILDERS)} files")
+            out.append(Source(path, domain))
+    return out
+
+
+def read(source: Source):
+    """The file as a ``datasets.Dataset``, with malformed input reported by file and line."""
+    import datasets
+
+    path = source.path
+    if path.is_dir():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            raise ValueError(f"{path} holds a DatasetDict with splits {list(table)}; give one split's folder, e.g. {path}/{next(iter(table))}")
+    else:
+        if path.stat().st_size == 0:
+            raise ValueError(f"{path} is empty; remove it from the data config or add records")
+        try:
+            table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # find the broken line ourselves: pyarrow's message does not name it
+            if path.suffix == ".jsonl":
+                _raise_on_bad_json_line(path)
+            raise ValueError(f"{path} could not be read as {path.suffix[1:]}: {err}") from err
+    if len(table) == 0:
+        raise ValueError(f"{path} has no records")
+    return table
+
+
+def _raise_on_bad_json_line(path: Path) -> None:
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How records become token sequences (``conf/data/files.yaml``)."""
+
+    max_length: int
+    format: str = "auto"
+    fields: Mapping[str, str] | None = None  # messages, prompt, response, text -> the file's field names
+    chat_template: str | bool = "auto"
+    domain_field: str = "domain"
+    default_domain: str = "default"
+
+    def field(self, name: str) -> str:
+        return (self.fields or {}).get(name, name)
+
+
+class Encoder:
+    """Tokenises the records of one file in one format (a ``Dataset.map`` function, batched)."""
+
+    def __init__(self, tokenizer, encoding: Encoding, source: Source, fmt: str):
+        self.tok, self.enc, self.source, self.fmt = tokenizer, encoding, source, fmt
+        self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+        self.use_template = fmt == "messages" or (fmt == "prompt_response" and _wants_template(tokenizer, encoding))
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        out = {k: [] for k in ("input_ids", "targets", "prompt_len", "prompt", "answer", "domain", "status", "end_token")}
+        for n, row in enumerate(indices):
+            record = {k: v[n] for k, v in batch.items()}
+            ids, targets, prompt_len, prompt, answer, end_token = self.encode(record, row)
+            ids, targets, prompt_len, status = self.truncate(ids, targets, prompt_len)
+            domain = self.source.domain or record.get(self.enc.domain_field) or self.enc.default_domain
+            for key, value in zip(out, (ids, targets, prompt_len, prompt, answer, str(domain), status, end_token)):
+                out[key].append(value)
+        return out
+
+    def encode(self, record: dict, row: int):
+        if self.fmt == "text":
+            text = self._string(record, "text", row)
+            ids = self.bos + self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            return ids, [True] * len(ids), 0, "", "", -1
+        if self.fmt == "prompt_response":
+            prompt, response = self._string(record, "prompt", row), self._string(record, "response", row)
+            if self.use_template:
+                return self._chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], row)
+            prompt_ids = self.bos + self.tok(prompt, add_special_tokens=False)["input_ids"]
+            answer_ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            ids = prompt_ids + answer_ids
+            return ids, [False] * len(prompt_ids) + [True] * len(answer_ids), len(prompt_ids), prompt, response, -1
+        return self._chat(self._messages(record, row), row)
+
+    def _string(self, record: dict, name: str, row: int) -> str:
+        field = self.enc.field(name)
+        value = record.get(field)
+        if value is None:
+            found = sorted(k for k, v in record.items() if v is not None)
+            raise ValueError(f"{self.source.where(row)}: field {field!r} is missing ({self.fmt} records need it); fields found: {found}")
+        if not isinstance(value, str):
+            raise ValueError(f"{self.source.where(row)}: field {field!r} must be a string, got {type(value).__name__}")
+        return value
+
+    def _messages(self, record: dict, row: int) -> list[dict]:
+        field = self.enc.field("messages")
+        turns = record.get(field)
+        where = self.source.where(row)
+        if not isinstance(turns, list) or not turns:
+            found = sorted(k for k, v in record.items() if v is not None)
+            raise ValueError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} turns; fields found: {found}")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, Mapping) or not isinstance(turn.get("content"), str) or turn.get("role") not in ROLES:
+                raise ValueError(f"{where}: turn {i} of {field!r} must be {{role: one of {list(ROLES)}, content: a string}}, got {turn!r}")
+        turns = [{"role": t["role"], "content": t["content"]} for t in turns]
+        if not any(t["role"] == "assistant" for t in turns):
+            raise ValueError(f"{where}: no assistant turn (roles: {[t['role'] for t in turns]}); a chat record needs a response to learn")
+        return turns
+
+    def _render(self, turns: list[dict], generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _chat(self, turns: list[dict], row: int):
+        """The conversation through the chat template; every assistant turn is a target span.
+
+        An assistant turn's span runs from where the template's generation prompt for it ends to
+        its end-of-turn token (the last special token the template puts in the turn). This needs
+        the template to render a conversation's beginning as a prefix of the whole, which every
+        common template does; one that does not is reported.
+        """
+        if not self.tok.chat_template:
+            raise ValueError(
+                f"{self.source.where(row)}: {self.fmt} records need a chat template, and this tokenizer has none; "
+                "use prompt/response records with data.chat_template=false, or give the tokenizer a template"
+            )
+        full = self._render(turns)
+        encoded = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        special = set(self.tok.all_special_ids)
+        targets = [False] * len(ids)
+        prompt_len, end_token = 0, -1
+        for i, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            start, end = len(self._render(turns[:i], generation_prompt=True)), len(self._render(turns[: i + 1]))
+            if not full.startswith(self._render(turns[: i + 1])):
+                raise ValueError(f"{self.source.where(row)}: the chat template does not render a conversation's turns as prefixes of the whole")
+            span = [t for t, (a, _) in enumerate(offsets) if start <= a < end]
+            ends = [t for t in span if ids[t] in special]
+            if ends:  # stop the targets at the end-of-turn token (what follows it belongs to the next turn)
+                span = [t for t in span if t <= ends[-1]]
+                end_token = ids[ends[-1]]
+            for t in span:
+                targets[t] = True
+            # generation starts where the response's own text starts (after any text the template adds)
+            content_at = full.find(turn["content"], start, end) if turn["content"] else -1
+            first = [t for t in span if offsets[t][0] >= content_at] if content_at >= 0 else span
+            prompt_len = first[0] if first else (span[0] if span else len(ids))
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        asked = next((t["content"] for t in reversed(turns[:last]) if t["role"] != "assistant"), "")
+        return ids, targets, prompt_len, asked, turns[last]["content"], end_token
+
+    def truncate(self, ids: list[int], targets: list[bool], prompt_len: int):
+        """Cut a too-long record's prompt from the left (plain text: its end); drop it if its response cannot fit."""
+        limit = self.enc.max_length
+        if len(ids) <= limit:
+            return ids, targets, prompt_len, "ok"
+        if prompt_len == 0:
+            return ids[:limit], targets[:limit], 0, "truncated"
+        if len(ids) - prompt_len + 1 > limit:  # the response and at least one token to predict it from
+            return [], [], 0, "dropped"
+        cut = len(ids) - limit
+        return ids[cut:], targets[cut:], prompt_len - cut, "truncated"
+
+
+def _wants_template(tokenizer, encoding: Encoding) -> bool:
+    if encoding.chat_template == "auto":
+        return bool(tokenizer.chat_template)
+    if encoding.chat_template and not tokenizer.chat_template:
+        raise ValueError("data.chat_template=true but the tokenizer has no chat template; set it to false or auto")
+    return bool(encoding.chat_template)
+
+
+def detect_format(columns: Sequence[str], source: Source, encoding: Encoding) -> str:
+    if encoding.format != "auto":
+        if encoding.format not in FORMATS:
+            raise ValueError(f"data.format={encoding.format!r} is unknown; choose auto or one of {list(FORMATS)}")
+        return encoding.format
+    if encoding.field("messages") in columns:
+        return "messages"
+    if encoding.field("prompt") in columns and encoding.field("response") in columns:
+        return "prompt_response"
+    if encoding.field("text") in columns:
+        return "text"
+    raise ValueError(
+        f"{source.path}: cannot tell the record format from its fields {sorted(columns)}; kdlab reads "
+        f"{encoding.field('messages')!r} (chat), {encoding.field('prompt')!r} + {encoding.field('response')!r}, or "
+        f"{encoding.field('text')!r}. Rename them with data.fields (e.g. data.fields.response=output) or set data.format."
+    )
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about the tokenizer that changes its ids (the cache key of a tokenised file)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)]
+    parts += [str(tokenizer.chat_template), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)]
+    parts.append(str(getattr(tokenizer, "add_bos_token", None)))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str, num_proc: int | None = None):
+    """Every source's records, tokenised (cached by ``datasets``), with their counts per status."""
+    records, counts, end_tokens = [], Counter(), Counter()
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    for source in sources:
+        table = read(source)
+        fmt = detect_format(table.column_names, source, encoding)
+        encoder = Encoder(tokenizer, encoding, source, fmt)
+        settings = json.dumps([RECIPE_VERSION, tok_hash, fmt, encoding.__dict__, source.domain, str(source.path)], sort_keys=True, default=str)
+        fingerprint = hashlib.sha256((table._fingerprint + settings).encode()).hexdigest()[:32]
+        encoded = table.map(
+            encoder,
+            batched=True,
+            with_indices=True,
+            remove_columns=table.column_names,
+            new_fingerprint=fingerprint,
+            num_proc=num_proc,
+            desc=f"tokenising {source.path.name}",
+        )
+        counts.update(encoded["status"])
+        end_tokens.update(t for t in encoded["end_token"] if t >= 0)
+        for row in encoded:
+            if row["status"] != "dropped":
+                records.append(
+                    Record(tuple(row["input_ids"]), tuple(row["targets"]), row["prompt_len"], row["domain"], row["prompt"], row["answer"])
+                )
+    if counts["truncated"] or counts["dropped"]:
+        log.warning(
+            "data.%s: %d of %d records were longer than data.max_length=%d: %d truncated (prompt cut from the left, "
+            "plain text cut at the end), %d dropped (the response alone does not fit); raise data.max_length to keep them",
+            name, counts["truncated"] + counts["dropped"], sum(counts.values()), encoding.max_length, counts["truncated"], counts["dropped"],
+        )
+    return records, counts, end_tokens
+
+
+def pack(records: list[Record], max_length: int) -> list[Record]:
+    """Plain-text records of each domain concatenated and cut into ``max_length`` blocks (the last may be shorter).
+
+    Blocks attend across document boundaries (no per-document mask), the usual pre-training packing.
+    """
+    by_domain: dict[str, list[int]] = {}
+    for r in records:
+        if r.prompt_len:
+            raise ValueError("data.packing applies to plain-text records only; this data has prompts")
+        by_domain.setdefault(r.domain, []).extend(r.input_ids)
+    return [
+        Record(tuple(ids[i : i + max_length]), (True,) * len(ids[i : i + max_length]), 0, domain)
+        for domain, ids in by_domain.items()
+        for i in range(0, len(ids), max_length)
+        if len(ids[i : i + max_length]) > 1
+    ]
+
+
+def hold_out(records: list[Record], fraction: float, limit: int, seed: int, name: str) -> tuple[list[Record], list[Record]]:
+    """Split ``fraction`` of each domain's records off (at least 1, at most ``limit``), deterministically from ``seed``."""
+    by_domain: dict[str, list[Record]] = {}
+    for r in records:
+        by_domain.setdefault(r.domain, []).append(r)
+    kept, held = [], []
+    for domain, items in sorted(by_domain.items()):
+        if len(items) < 2:
+            raise ValueError(
+                f"domain {domain!r} has {len(items)} training record(s): too few to hold out {name} data from; "
+                f"give data.{name} explicitly or add records"
+            )
+        order = list(range(len(items)))
+        random.Random(f"{seed}-{name}-{domain}").shuffle(order)
+        n = min(max(1, round(fraction * len(items))), limit, len(items) - 1)
+        held += [items[i] for i in sorted(order[:n])]
+        kept += [items[i] for i in sorted(order[n:])]
+    return kept, held
+
+
+class FilesDataModule(KDDataModule):
+    """The DataModule over your own files (``data=files``); see the module docstring for formats.
+
+    ``train`` (required), ``val`` and ``test``: a path, a glob, a list, or a mapping domain -> paths.
+    A split not given is held out from ``train``: ``holdout_fraction`` of each domain (at least 1,
+    at most ``max_holdout`` records), deterministic from ``seed``. ``pretrain``: plain-text files
+    for MiniLLM's pre-training term (default: the training sequences themselves). ``checker``:
+    None (no greedy exact match) or e.g. :class:`kdlab.data.datamodule.ExactMatch`.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        train=None,
+        val=None,
+        test=None,
+        pretrain=None,
+        format: str = "auto",
+        fields: Mapping[str, str] | None = None,
+        chat_template: str | bool = "auto",
+        domain_field: str = "domain",
+        default_domain: str = "default",
+        packing: bool = False,
+        holdout_fraction: float = 0.05,
+        max_holdout: int = 256,
+        num_proc: int | None = None,
+        max_length: int = 1024,
+        seed: int = 0,
+        **kwargs,
+    ):
+        if not train:
+            raise ValueError("data=files needs data.train: a path, a glob, or a mapping domain -> path(s)")
+        if not 0.0 < holdout_fraction < 1.0 or max_holdout < 1:
+            raise ValueError(f"data.holdout_fraction must be in (0, 1) and data.max_holdout >= 1, got {holdout_fraction}, {max_holdout}")
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+        fields = OmegaConf.to_container(fields) if isinstance(fields, DictConfig) else fields
+        encoding = Encoding(max_length, format, fields, chat_template, domain_field, default_domain)
+        # every path is checked before any file is tokenised
+        sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
+        splits, end_tokens = {}, Counter()
+        for name in ("train", "val", "test"):
+            if sources[name]:
+                splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc)
+                end_tokens.update(ends)
+                if packing:
+                    splits[name] = pack(splits[name], max_length)
+                if not splits[name]:
+                    raise ValueError(f"data.{name}: every record was dropped ({dict(counts)}); raise data.max_length")
+        for name in ("val", "test"):
+            if name not in splits:
+                splits["train"], splits[name] = hold_out(splits["train"], holdout_fraction, max_holdout, seed, name)
+        plain = None
+        if sources["pretrain"]:
+            text = Encoding(max_length, "text", fields, chat_template, domain_field, "pretrain")
+            plain = pack(load_records(sources["pretrain"], tokenizer, text, "pretrain", num_proc)[0], max_length)
+        self._check_every_domain_evaluated(splits, sources)
+        eos = end_tokens.most_common(1)[0][0] if end_tokens else None  # the chat template's end-of-turn token
+        super().__init__(splits, tokenizer, max_length=max_length, seed=seed, pretrain=plain, eos_token_id=eos, **kwargs)
+        sizes = {name: Counter(r.domain for r in split) for name, split in splits.items()}
+        log.info("data=files: %s", "; ".join(f"{n} {dict(sorted(c.items()))}" for n, c in sizes.items()))
+
+    @staticmethod
+    def _check_every_domain_evaluated(splits: dict, sources: dict) -> None:
+        domains = {r.domain for r in splits["train"]}
+        for name in ("val", "test"):
+            missing = sorted(domains - {r.domain for r in splits[name]})
+            if missing:
+                files = ", ".join(str(s.path) for s in sources[name]) or "held out from data.train"
+                raise ValueError(
+                    f"domain(s) {missing} have training records but no {name} records ({files}); every domain needs "
+                    f"{name} data (DDK weights domains by it). Add them, or leave data.{name} unset to hold them out of data.train."
+                )

@@ -1,0 +1,55 @@
+"""The one tokenised layout every data source produces: a :class:`Record` per sequence.
+
+A record is a token sequence with a mask of the tokens that are targets (the response, an
+assistant turn, or every token of plain text), the length of the prompt that generation starts
+from, and the texts that evaluation shows and scores against. The DataModule turns records into
+batches; it never needs to know which file format or task a record came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tokenised sequence.
+
+    ``input_ids``: the whole sequence (special tokens included). ``targets[t]``: token t is a
+    label (it is predicted by the logits at t − 1; ``targets[0]`` is never used). ``prompt_len``:
+    generation continues ``input_ids[:prompt_len]`` and the reference is what follows; 0 for plain
+    text, which has no prompt (perplexity only). ``prompt`` / ``answer``: the prompt and the
+    reference response as text (the samples table, ROUGE, the checker). ``domain``: its domain.
+    """
+
+    input_ids: tuple[int, ...]
+    targets: tuple[bool, ...]
+    prompt_len: int
+    domain: str
+    prompt: str = ""
+    answer: str = ""
+
+    def __post_init__(self):
+        if len(self.input_ids) != len(self.targets):
+            raise ValueError(f"a record needs one target flag per token, got {len(self.input_ids)} and {len(self.targets)}")
+
+    @property
+    def response_len(self) -> int:
+        """Tokens after the prompt (what generation has to produce), 0 without a prompt."""
+        return len(self.input_ids) - self.prompt_len if self.prompt_len else 0
+
+    @property
+    def num_targets(self) -> int:
+        return sum(self.targets[1:])
+
+
+def prompt_answer_record(domain: str, prompt_ids: list[int], answer_ids: list[int], prompt: str = "", answer: str = "") -> Record:
+    """``prompt_ids + answer_ids`` with the answer as the targets (loss on the response only)."""
+    return Record(
+        input_ids=tuple(prompt_ids + answer_ids),
+        targets=(False,) * len(prompt_ids) + (True,) * len(answer_ids),
+        prompt_len=len(prompt_ids),
+        domain=domain,
+        prompt=prompt,
+        answer=answer,
+    )
