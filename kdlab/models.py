@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,121 @@ def from_config(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | N
     return AutoModelForCausalLM.from_config(config)
 
 
-def from_pretrained(path: str, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
-    """A causal LM from a local Hugging Face directory (no hub access: ``local_files_only``)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(
-            f"model directory {path!r} does not exist; point the model config at a local Hugging Face "
-            "model folder (one written by save_pretrained)"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_folder(path: str, what: str) -> Path:
+    """A local Hugging Face model folder, or an error that says what is wrong with it."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist; point it at a local Hugging Face folder (one written by save_pretrained)")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{what} path {str(folder)!r} is a file, not a folder; give the folder that holds config.json and the weights")
+    return folder
+
+
+def from_pretrained(
+    path: str, dtype: str = "float32", attn_implementation: str | None = None, role: str = "model", tokenizer=None
+) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face folder (no hub access: ``local_files_only``).
+
+    ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 on a GPU that supports
+    it, float32 otherwise; a teacher only runs forwards, so bf16 halves its memory). The student
+    should stay float32 and train under ``trainer.precision=bf16-mixed``. ``attn_implementation``:
+    e.g. ``sdpa``, ``flash_attention_2``, ``eager``; None = transformers' default. The folder must
+    hold a config and weights (``check_causal`` then tests that the model is a causal decoder).
+    ``tokenizer`` is accepted for symmetry with :func:`from_config` and unused: the folder's
+    model has its vocabulary already.
+    """
+    folder = _check_folder(path, role)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{role} folder {str(folder)!r} has no config.json: it is not a Hugging Face model folder")
+    if not any(next(folder.glob(p), None) for p in WEIGHT_FILES):
+        raise FileNotFoundError(f"{role} folder {str(folder)!r} has config.json but no weights (*.safetensors or *.bin)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{role} {str(folder)!r} is an encoder-decoder ({config.model_type}); kdlab distils causal decoders only")
+    kwargs = {"dtype": resolve_dtype(dtype), "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ValueError as err:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise ValueError(f"{role} {str(folder)!r} ({config.model_type}) is not a causal language model: {err}") from None
+    return model
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"model dtype {name!r} is unknown; choose auto or one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+@torch.no_grad()
+def check_causal(model: PreTrainedModel, role: str, where: str = "") -> None:
+    """Fail unless position t's logits ignore the tokens after t (a model with a bidirectional
+    encoder, e.g. a BERT LM head, reads future tokens and trains to a meaningless perplexity)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.arange(1, 9, device=model.device).remainder(vocab).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    a, b = model(input_ids=ids).logits[0, :-1].float(), model(input_ids=changed).logits[0, :-1].float()
+    model.train(was_training)
+    if not torch.allclose(a, b, atol=1e-3, rtol=1e-3):
+        raise ValueError(
+            f"{role} {where!r} is not causal: its predictions at earlier positions change with a later token "
+            f"({type(model).__name__}); kdlab needs causal decoders (e.g. Llama, Qwen2, GPT-2 families)"
         )
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def load_tokenizer(path: str, role: str = "teacher"):
+    """The tokenizer of a local model folder (a pad token is set to <eos> if it has none)."""
+    folder = _check_folder(path, f"{role} tokenizer")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{role} folder {str(folder)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer.path to a folder that has them")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {str(folder)!r} has no eos token; kdlab needs one to end responses")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
+    return tokenizer
+
+
+def check_tokenizers(tokenizer, student_path: str | None) -> None:
+    """Preflight: the student folder's own tokenizer (if it has one) agrees with the teacher's.
+
+    Both must map every id they share to the same token and have the same special tokens, or
+    the two models' distributions are over different things and token-level distillation is
+    meaningless. The error names the first differing ids.
+    """
+    if student_path is None:
+        return
+    folder = Path(student_path).expanduser()
+    if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return  # no tokenizer of its own: it uses the teacher's
+    student_tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    shared = min(len(tokenizer), len(student_tok))
+    teacher_tokens = tokenizer.convert_ids_to_tokens(list(range(shared)))
+    student_tokens = student_tok.convert_ids_to_tokens(list(range(shared)))
+    differing = [i for i in range(shared) if teacher_tokens[i] != student_tokens[i]]
+    if differing:
+        shown = ", ".join(f"{i}: {teacher_tokens[i]!r} vs {student_tokens[i]!r}" for i in differing[:5])
+        raise ValueError(
+            f"the student's tokenizer ({folder}) maps {len(differing)} of the {shared} shared ids to other tokens than the "
+            f"teacher's (first: {shown}); token-level distillation needs one tokenizer. Pick a student of the teacher's family."
+        )
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    special = {n: (getattr(tokenizer, n), getattr(student_tok, n)) for n in names}
+    special = {n: v for n, v in special.items() if v[0] != v[1] and not (n == "pad_token" and None in v)}
+    if special:
+        shown = ", ".join(f"{n}: {t!r} (teacher) vs {s!r} (student)" for n, (t, s) in special.items())
+        raise ValueError(f"the student's tokenizer ({folder}) has other special tokens than the teacher's: {shown}")
 
 
 def parameter_count(model) -> int:

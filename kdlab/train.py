@@ -21,7 +21,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdlab.models import distillation_vocab_size, parameter_count
+from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
 from kdlab.pretrain import cache_key, load_or_train
 
@@ -37,8 +37,10 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     training = cfg.model.get(f"{role}_training")
     if not training:
         return model  # used as it is: a pretrained model, or a student distilled from scratch
-    splits = cfg.data.splits
+    splits = cfg.data.get("splits", cfg.data)  # the suite's generator settings, or the whole file-data config
     if training.get("n_train"):
+        if "splits" not in cfg.data:
+            raise ValueError(f"model.{role}_training.n_train applies to the built-in suite (data=suite) only; remove it")
         # Trained on more examples than the distillation's transfer set (as a real teacher has
         # seen a larger corpus); build_suite draws val/test first, so they stay identical.
         splits = OmegaConf.merge(splits, {"n_train": training.n_train})
@@ -53,11 +55,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    # Everything a user can get wrong is checked before a model is built or trained.
     tokenizer = instantiate(cfg.model.tokenizer)
+    check_tokenizers(tokenizer, cfg.model.student.get("path"))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    loss = instantiate(cfg.loss)  # before the teacher: a bad loss option must not cost a teacher training
+    loss = instantiate(cfg.loss)
+    if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
+        raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
     teacher = build_model(cfg, "teacher", tokenizer, datamodule)
     student = build_model(cfg, "student", tokenizer, datamodule)
+    for role, model in (("teacher", teacher), ("student", student)):
+        check_causal(model, role, cfg.model[role].get("path", ""))
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
     eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
@@ -79,6 +87,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero:
         return metrics  # under DDP, rank 0 alone writes the run's files
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if datamodule.eos_token_id != tokenizer.eos_token_id:  # e.g. a chat template's end-of-turn token
+        student.generation_config.eos_token_id = [datamodule.eos_token_id, tokenizer.eos_token_id]
+    student.generation_config.pad_token_id = tokenizer.pad_token_id
     student.save_pretrained(out_dir / "student")
     tokenizer.save_pretrained(out_dir / "student")
     if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):

@@ -200,45 +200,46 @@ class Encoder:
             raise ValueError(f"{where}: no assistant turn (roles: {[t['role'] for t in turns]}); a chat record needs a response to learn")
         return turns
 
-    def _render(self, turns: list[dict], generation_prompt: bool = False) -> str:
-        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-
     def _chat(self, turns: list[dict], row: int):
         """The conversation through the chat template; every assistant turn is a target span.
 
-        An assistant turn's span runs from where the template's generation prompt for it ends to
-        its end-of-turn token (the last special token the template puts in the turn). This needs
-        the template to render a conversation's beginning as a prefix of the whole, which every
-        common template does; one that does not is reported.
+        The turns' texts are found in the rendered conversation in order; an assistant turn's
+        span runs from its text to its end-of-turn token (the first special token after it), so
+        whatever the template puts before an answer (a role header, an empty reasoning block)
+        is context, not target. Generation starts where the last answer's text starts.
         """
+        where = self.source.where(row)
         if not self.tok.chat_template:
             raise ValueError(
-                f"{self.source.where(row)}: {self.fmt} records need a chat template, and this tokenizer has none; "
+                f"{where}: {self.fmt} records need a chat template, and this tokenizer has none; "
                 "use prompt/response records with data.chat_template=false, or give the tokenizer a template"
             )
-        full = self._render(turns)
+        full = self.tok.apply_chat_template(turns, tokenize=False)
         encoded = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         special = set(self.tok.all_special_ids)
         targets = [False] * len(ids)
-        prompt_len, end_token = 0, -1
+        prompt_len, end_token, cursor = len(ids), -1, 0
         for i, turn in enumerate(turns):
+            text = turn["content"].strip()
+            if not text:
+                if turn["role"] == "assistant":
+                    raise ValueError(f"{where}: assistant turn {i} is empty; there is nothing to learn from it")
+                continue
+            at = full.find(text, cursor)
+            if at < 0:
+                raise ValueError(f"{where}: turn {i}'s text is not in the chat template's rendering (the template rewrites it)")
+            cursor = at + len(text)
             if turn["role"] != "assistant":
                 continue
-            start, end = len(self._render(turns[:i], generation_prompt=True)), len(self._render(turns[: i + 1]))
-            if not full.startswith(self._render(turns[: i + 1])):
-                raise ValueError(f"{self.source.where(row)}: the chat template does not render a conversation's turns as prefixes of the whole")
-            span = [t for t, (a, _) in enumerate(offsets) if start <= a < end]
-            ends = [t for t in span if ids[t] in special]
-            if ends:  # stop the targets at the end-of-turn token (what follows it belongs to the next turn)
-                span = [t for t in span if t <= ends[-1]]
-                end_token = ids[ends[-1]]
+            span = [t for t, (a, _) in enumerate(offsets) if at <= a < cursor or (a < at < offsets[t][1])]
+            end = next((t for t in range(span[-1] + 1, len(ids)) if ids[t] in special), None) if span else None
+            if end is not None:  # the end-of-turn token is a target: it is how the model learns to stop
+                span += list(range(span[-1] + 1, end + 1))
+                end_token = ids[end]
             for t in span:
                 targets[t] = True
-            # generation starts where the response's own text starts (after any text the template adds)
-            content_at = full.find(turn["content"], start, end) if turn["content"] else -1
-            first = [t for t in span if offsets[t][0] >= content_at] if content_at >= 0 else span
-            prompt_len = first[0] if first else (span[0] if span else len(ids))
+            prompt_len = span[0] if span else len(ids)
         last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
         asked = next((t["content"] for t in reversed(turns[:last]) if t["role"] != "assistant"), "")
         return ids, targets, prompt_len, asked, turns[last]["content"], end_token
