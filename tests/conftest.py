@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, shrunk to tiny models and data (lightning-hydra-template style)."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# tokenised data files are cached by `datasets`; the tests keep that cache out of the user's
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kdlab-datasets-"))
 
 # Tiny teacher/student, a few steps, a small suite: a whole run takes seconds.
 TINY = [
@@ -69,3 +72,18 @@ def compose_tiny(output_dir, cache_dir, overrides=()):
 @pytest.fixture
 def tiny_cfg(tmp_path, cache_dir):
     return lambda *overrides: compose_tiny(tmp_path / "run", cache_dir, overrides)
+
+
+@pytest.fixture(scope="session")
+def qwen_pair(tmp_path_factory):
+    """A tiny Qwen2-style teacher/student (152,064 and 151,936 output rows) with Qwen's real tokenizer."""
+    from examples.tiny_pair import build
+
+    return build("qwen2", tmp_path_factory.mktemp("qwen2-pair"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    from examples.tiny_pair import tokenizer
+
+    return tokenizer("qwen2")

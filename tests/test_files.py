@@ -1,0 +1,214 @@
+"""data=files: record formats, file types, domains, splits, truncation and malformed input, on real tokenizers."""
+
+import json
+import logging
+
+import pytest
+
+from examples.tiny_pair import tokenizer as family_tokenizer
+from kdlab.data import files
+from kdlab.data.files import Encoding, FilesDataModule, Source, load_records
+from kdlab.losses import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return family_tokenizer("gpt2")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def targets_text(tok, record):
+    return tok.decode([i for i, t in zip(record.input_ids, record.targets) if t])
+
+
+def one(tmp_path, tok, record, **encoding):
+    path = write_jsonl(tmp_path / "one.jsonl", [record])
+    records, counts, _ = load_records([Source(path, None)], tok, Encoding(**{"max_length": 256, **encoding}), "train")
+    return records, counts
+
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima."},
+        {"role": "user", "content": "And of Chile?"},
+        {"role": "assistant", "content": "Santiago."},
+    ]
+}
+
+
+def test_messages_target_every_assistant_turn_and_its_end_of_turn_token(tmp_path, qwen_tokenizer):
+    tok = qwen_tokenizer
+    [record], _ = one(tmp_path, tok, CHAT)
+    # targets: each answer and the <|im_end|> closing it, nothing of the system or user turns
+    assert targets_text(tok, record) == "Lima.<|im_end|>Santiago.<|im_end|>"
+    assert tok.decode(record.input_ids) == tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    # generation starts where the last answer starts; the reference is that answer
+    assert tok.decode(record.input_ids[record.prompt_len :]).startswith("Santiago.<|im_end|>")
+    assert tok.decode(record.input_ids[: record.prompt_len]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert (record.prompt, record.answer, record.domain) == ("And of Chile?", "Santiago.", "default")
+
+
+def test_prompt_response_uses_the_chat_template_when_there_is_one(tmp_path, qwen_tokenizer):
+    [record], _ = one(tmp_path, qwen_tokenizer, {"prompt": "2 + 2?", "response": "4"})
+    assert targets_text(qwen_tokenizer, record) == "4<|im_end|>"
+    [plain], _ = one(tmp_path, qwen_tokenizer, {"prompt": "2 + 2?", "response": " 4"}, chat_template=False)
+    assert qwen_tokenizer.decode(plain.input_ids) == "2 + 2? 4<|im_end|>"  # plain concatenation, then <eos>
+
+
+def test_prompt_response_without_a_template_is_concatenated_and_labels_count_the_response(tmp_path, gpt2):
+    [record], _ = one(tmp_path, gpt2, {"prompt": "Q: 2 + 2?\nA:", "response": " 4"})
+    assert gpt2.decode(record.input_ids) == "Q: 2 + 2?\nA: 4<|endoftext|>"
+    assert targets_text(gpt2, record) == " 4<|endoftext|>"
+    dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q:", "response": f" {i}"} for i in range(20)]))
+    batch = dm.collate(dm._dataset("train")[:1])
+    counted = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
+    assert gpt2.decode(counted) == f" {dm.records['train'][0].answer.strip()}<|endoftext|>"
+
+
+def test_text_counts_every_token_and_packs_into_blocks(tmp_path, gpt2):
+    [record], _ = one(tmp_path, gpt2, {"text": "The cat sat on the mat."})
+    assert all(record.targets) and record.prompt_len == 0 and gpt2.decode(record.input_ids).endswith("<|endoftext|>")
+    texts = [{"text": f"Document number {i} is short."} for i in range(30)]
+    dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "t.jsonl", texts), packing=True, max_length=16)
+    total = sum(len(gpt2(t["text"])["input_ids"]) + 1 for t in texts)
+    lengths = [len(r.input_ids) for split in dm.records.values() for r in split]
+    assert max(lengths) == 16 and sum(lengths) == total  # every token once, in 16-token blocks (the last shorter)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "csv", "save_to_disk"])
+def test_every_file_type_reads_the_same_records(tmp_path, gpt2, kind):
+    import datasets
+
+    rows = [{"prompt": f"Q{i}:", "response": f" answer {i}", "domain": "ab"[i % 2]} for i in range(12)]
+    path = tmp_path / f"data.{kind}"
+    table = datasets.Dataset.from_list(rows)
+    if kind == "jsonl":
+        write_jsonl(path, rows)
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "parquet":
+        table.to_parquet(str(path))
+    elif kind == "csv":
+        table.to_csv(str(path), index=False)
+    else:
+        table.save_to_disk(str(path))
+    records, _, _ = load_records(files.resolve(str(path), "train"), gpt2, Encoding(max_length=64), "train")
+    assert [(r.domain, r.answer) for r in records] == [(row["domain"], row["response"]) for row in rows]
+
+
+def test_domains_from_a_mapping_a_glob_a_column_or_the_default(tmp_path, gpt2):
+    (tmp_path / "m").mkdir()
+    for i in range(2):
+        write_jsonl(tmp_path / "m" / f"part{i}.jsonl", [{"text": f"math {i} {j}"} for j in range(4)])
+    write_jsonl(tmp_path / "code.jsonl", [{"text": f"code {j}", "domain": "ignored: the mapping wins"} for j in range(4)])
+    sources = files.resolve({"math": str(tmp_path / "m" / "*.jsonl"), "code": [str(tmp_path / "code.jsonl")]}, "train")
+    assert [(s.path.name, s.domain) for s in sources] == [("part0.jsonl", "math"), ("part1.jsonl", "math"), ("code.jsonl", "code")]
+    records, _, _ = load_records(sources, gpt2, Encoding(max_length=64), "train")
+    assert [r.domain for r in records].count("math") == 8 and [r.domain for r in records].count("code") == 4
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a", "topic": "x"}, {"text": "b"}])
+    records, _, _ = load_records([Source(mixed, None)], gpt2, Encoding(max_length=64, domain_field="topic", default_domain="rest"), "t")
+    assert [r.domain for r in records] == ["x", "rest"]
+
+
+def test_held_out_splits_are_per_domain_deterministic_and_disjoint(tmp_path, gpt2):
+    rows = [{"prompt": f"Q{i}:", "response": f" {i}", "domain": "ab"[i % 2]} for i in range(80)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def answers(dm, split):
+        return sorted(r.answer for r in dm.records[split])
+
+    dm = FilesDataModule(gpt2, train=path, holdout_fraction=0.1, seed=3)
+    again = FilesDataModule(gpt2, train=path, holdout_fraction=0.1, seed=3)
+    other = FilesDataModule(gpt2, train=path, holdout_fraction=0.1, seed=4)
+    assert {d: sum(r.domain == d for r in dm.records["val"]) for d in "ab"} == {"a": 4, "b": 4}
+    assert answers(dm, "val") == answers(again, "val") and answers(dm, "val") != answers(other, "val")
+    seen = [a for split in ("train", "val", "test") for a in answers(dm, split)]
+    assert len(seen) == len(set(seen)) == 80
+    explicit = FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "v.jsonl", rows[:2]))
+    assert len(explicit.records["val"]) == 2 and len(explicit.records["test"]) == 4
+
+
+def test_too_long_records_lose_their_prompt_from_the_left_or_are_dropped_and_counted(tmp_path, gpt2, caplog):
+    rows = [
+        {"prompt": "word " * 30, "response": " kept whole"},  # truncated: 31 + 3 tokens > 16
+        {"prompt": "Q:", "response": " long" * 30},  # dropped: the response alone does not fit
+        {"prompt": "Q:", "response": " fine"},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        records, counts, _ = load_records([Source(path, None)], gpt2, Encoding(max_length=16), "train")
+    assert counts == {"truncated": 1, "dropped": 1, "ok": 1} and len(records) == 2
+    assert len(records[0].input_ids) == 16 and targets_text(gpt2, records[0]) == " kept whole<|endoftext|>"
+    kept_prompt = gpt2.decode(records[0].input_ids[: records[0].prompt_len]).split()
+    assert kept_prompt and set(kept_prompt) == {"word"} and len(kept_prompt) < 30  # the prompt's tail is kept
+    assert "1 truncated" in caplog.text and "1 dropped" in caplog.text and "data.max_length=16" in caplog.text
+
+
+def test_a_second_load_reuses_the_cached_tokenisation(tmp_path, gpt2, monkeypatch):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": f"line {i}"} for i in range(5)])
+    first, _, _ = load_records([Source(path, None)], gpt2, Encoding(max_length=64), "train")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(files.Encoder, "__call__", fail)
+    second, _, _ = load_records([Source(path, None)], gpt2, Encoding(max_length=64), "train")
+    assert second == first
+    with pytest.raises(AssertionError, match="tokenised again"):  # other settings: a new tokenisation
+        load_records([Source(path, None)], gpt2, Encoding(max_length=32), "train")
+
+
+# -- malformed input stops before training, naming the file, the line or row, and the field ---------
+def test_broken_json_line_is_named(tmp_path, gpt2):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: not valid JSON"):
+        FilesDataModule(gpt2, train=str(path))
+
+
+def test_missing_field_names_the_fields_found(tmp_path, gpt2):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "answer": "d"}])
+    with pytest.raises(ValueError, match=r"f.jsonl, line 2: field 'response' is missing.*fields found: \['answer', 'prompt'\]"):
+        FilesDataModule(gpt2, train=str(path))
+    unknown = write_jsonl(tmp_path / "u.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)])
+    with pytest.raises(ValueError, match=r"cannot tell the record format from its fields \['answer', 'question'\].*data.fields"):
+        FilesDataModule(gpt2, train=str(unknown))
+    renamed = FilesDataModule(gpt2, train=str(unknown), fields={"prompt": "question", "response": "answer"})
+    assert sorted(r.answer for split in renamed.records.values() for r in split) == ["a0", "a1", "a2"]
+
+
+def test_empty_file_and_missing_path(tmp_path, gpt2):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty.jsonl is empty"):
+        FilesDataModule(gpt2, train=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"data.val: .*nope.jsonl does not exist"):
+        FilesDataModule(gpt2, train=str(tmp_path / "empty.jsonl"), val=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"no file matches"):
+        FilesDataModule(gpt2, train=str(tmp_path / "*.parquet"))
+
+
+def test_domain_without_validation_records_is_named(tmp_path, gpt2):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"x {i}", "domain": "ab"[i % 2]} for i in range(10)])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"text": "y", "domain": "a"}])
+    with pytest.raises(ValueError, match=r"domain\(s\) \['b'\] have training records but no val records \(.*v.jsonl\)"):
+        FilesDataModule(gpt2, train=str(train), val=str(val))
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "x", "domain": "a"}] * 4 + [{"text": "y", "domain": "b"}])
+    with pytest.raises(ValueError, match=r"domain 'b' has 1 training record\(s\): too few to hold out"):
+        FilesDataModule(gpt2, train=str(tiny))
+
+
+def test_chat_record_without_an_assistant_turn_is_named(tmp_path, qwen_tokenizer, gpt2):
+    rows = [CHAT, {"messages": [{"role": "user", "content": "hello?"}]}]
+    with pytest.raises(ValueError, match=r"x.jsonl, line 2: no assistant turn \(roles: \['user'\]\)"):
+        FilesDataModule(qwen_tokenizer, train=str(write_jsonl(tmp_path / "x.jsonl", rows)))
+    bad_role = [{"messages": [{"role": "bot", "content": "hi"}]}]
+    with pytest.raises(ValueError, match=r"line 1: turn 0 of 'messages' must be"):
+        FilesDataModule(qwen_tokenizer, train=str(write_jsonl(tmp_path / "r.jsonl", bad_role)))
+    with pytest.raises(ValueError, match=r"need a chat template, and this tokenizer has none"):
+        FilesDataModule(gpt2, train=str(write_jsonl(tmp_path / "c.jsonl", [CHAT] * 4)))
