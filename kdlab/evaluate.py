@@ -1,7 +1,7 @@
 """Score an exported student (and the teacher) on a data config, without training.
 
     python -m kdlab.evaluate student=outputs/runs/<date>/<time>/student
-    python -m kdlab.evaluate student=/models/small model=local model.teacher.path=/models/big
+    python -m kdlab.evaluate student=<run>/student model=hf model.teacher.path=/models/big data=files data.train=chat.jsonl
     python -m kdlab.evaluate -m student=runA/student,runB/student eval.num_samples=10
 
 The student is any local Hugging Face causal-LM folder that shares the teacher's tokenizer.
@@ -23,7 +23,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kdlab.models import distillation_vocab_size, from_pretrained
+from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained
 from kdlab.module import DistillModule
 from kdlab.train import build_model
 
@@ -62,7 +62,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    student = from_pretrained(cfg.student)
+    check_tokenizers(tokenizer, cfg.student)
+    student = from_pretrained(cfg.student, role="student")
+    check_causal(student, "student", cfg.student)
     teacher = build_model(cfg, "teacher", tokenizer, datamodule) if cfg.use_teacher else None
     vocab_size = distillation_vocab_size(teacher, student, tokenizer) if teacher is not None else None
     module = DistillModule(

@@ -376,15 +376,19 @@ class RolloutBuffer:
         if not self.is_rollout_step(step):
             return None
         if not self.queue:
+            if "generate" in batch and not batch["generate"].any():
+                return None  # no prompt in this batch: it trains on the data, as a data-batch step
             self.refresh(batch, sampler)
         return self.rollout.select(self.queue.pop(0))
 
     @torch.no_grad()
     def refresh(self, batch: dict, sampler: Sampler) -> None:
         s = self.settings
-        size = batch["prompt_ids"].shape[0]
-        n = s.num_rollouts or size
-        rows = torch.arange(n, device=batch["prompt_ids"].device) % size
+        # rows with a prompt (plain-text records have none to continue)
+        prompted = batch["generate"].nonzero().flatten() if "generate" in batch else torch.arange(batch["prompt_ids"].shape[0])
+        prompted = prompted.to(batch["prompt_ids"].device)
+        n = s.num_rollouts or batch["prompt_ids"].shape[0]
+        rows = prompted[torch.arange(n, device=prompted.device) % len(prompted)]
         prompts, prompt_mask = batch["prompt_ids"][rows], batch["prompt_mask"][rows]
         rollout = sampler(prompts, prompt_mask, s.teacher_mix)
         self.rollout = replace(rollout, domain=batch["domain"][rows] if "domain" in batch else None)

@@ -82,8 +82,10 @@ def summarize(sweep_dir: str | Path) -> str:
     reference = teacher_row(rows)
     student_rows = [{k: v for k, v in r.items() if "teacher_" not in k} for r in rows]
     table_rows = student_rows + ([reference] if reference else [])
-    test_domains = sorted({k for r in student_rows for k in r if k.startswith("test/") and k.endswith("/exact_match") and k.count("/") == 2})
-    columns = [*DEFAULT_COLUMNS, *test_domains]
+    # each domain's exact match where the data has a checker, else its ROUGE-L (user data)
+    per_domain = {k for r in student_rows for k in r if k.startswith("test/") and k.count("/") == 2}
+    test_domains = sorted(k for k in per_domain if k.endswith("/exact_match")) or sorted(k for k in per_domain if k.endswith("/rougeL"))
+    columns = [c for c in (*DEFAULT_COLUMNS, *test_domains) if any(c in r for r in table_rows)]
     all_keys = ["job", "overrides", *sorted({k for r in table_rows for k in r} - {"job", "overrides"})]
     with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=all_keys)

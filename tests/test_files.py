@@ -4,8 +4,10 @@ import json
 import logging
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from examples.tiny_pair import tokenizer as family_tokenizer
+from examples.tiny_pair import build, tokenizer as family_tokenizer
 from kdlab.data import files
 from kdlab.data.files import Encoding, FilesDataModule, Source, load_records
 from kdlab.losses import IGNORE_INDEX
@@ -212,3 +214,38 @@ def test_chat_record_without_an_assistant_turn_is_named(tmp_path, qwen_tokenizer
         FilesDataModule(qwen_tokenizer, train=str(write_jsonl(tmp_path / "r.jsonl", bad_role)))
     with pytest.raises(ValueError, match=r"need a chat template, and this tokenizer has none"):
         FilesDataModule(gpt2, train=str(write_jsonl(tmp_path / "c.jsonl", [CHAT] * 4)))
+
+
+def test_pretrain_corpus_comes_beside_every_training_batch_and_minillm_uses_it(tmp_path, gpt2, monkeypatch):
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": f"Q{i}:", "response": f" {i}"} for i in range(20)])
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"Plain corpus text number {i}."} for i in range(10)])
+    dm = FilesDataModule(gpt2, train=str(qa), pretrain=str(corpus), batch_size=4, max_length=8)
+    batch = next(iter(dm.train_dataloader()))
+    plain = batch["plain"]
+    assert plain["input_ids"].shape[0] == 4 and plain["input_ids"].shape[1] <= 8
+    real = plain["attention_mask"].bool()
+    counted = plain["labels"] != IGNORE_INDEX
+    assert torch.equal(counted[:, :-1], real[:, 1:])  # every real token after the first is a label
+    assert "corpus" in gpt2.decode(dm.pretrain[0].input_ids).lower()
+    assert "plain" not in dm.collate(dm._dataset("val"))  # evaluation batches carry none
+
+    # MiniLLM's pre-training term reads that corpus, not the prompts' own sequences
+    import lightning as L
+
+    from kdlab.losses.minillm import MiniLLM
+    from kdlab.module import DistillModule
+
+    seen = []
+    original = MiniLLM.__call__
+
+    def spy(self, batch):
+        seen.append(batch.plain.labels)
+        return original(self, batch)
+
+    monkeypatch.setattr(MiniLLM, "__call__", spy)
+    student, teacher = (AutoModelForCausalLM.from_pretrained(p) for p in build("gpt2", tmp_path / "pair"))
+    module = DistillModule(student, teacher, MiniLLM(), gpt2)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(module, datamodule=dm)
+    labels = seen[0][seen[0] != IGNORE_INDEX].tolist()
+    assert "corpus text number" in gpt2.decode(labels) and "Q" not in gpt2.decode(labels)
