@@ -118,8 +118,8 @@ def test_sequence_length_too_small_names_the_fix(tiny_cfg):
         run(cfg)
 
 
-def test_local_model_folders_distil(tiny_cfg, tmp_path, cache_dir):
-    """`model=local`: teacher and student from local Hugging Face folders (here: an exported student)."""
+def test_hf_model_folders_distil_on_the_suite(tiny_cfg, tmp_path, cache_dir):
+    """`model=hf`: teacher and student from local Hugging Face folders (here: an exported student), on the suite."""
     from tests.conftest import TINY
 
     first = tiny_cfg("trainer.max_steps=2", "trainer.val_check_interval=2")
@@ -127,7 +127,7 @@ def test_local_model_folders_distil(tiny_cfg, tmp_path, cache_dir):
     exported = f"{first.paths.output_dir}/student"
     data_and_trainer = [o for o in TINY if not o.startswith("model.")]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*data_and_trainer, "model=local", f"model.teacher.path={exported}", f"model.student.path={exported}"])
+        cfg = compose("train", overrides=[*data_and_trainer, "model=hf", f"model.teacher.path={exported}", f"model.student.path={exported}"])
     cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "local"), str(cache_dir)
     metrics = run(cfg)
     assert 0.0 <= metrics["test/exact_match"] <= 1.0

@@ -311,13 +311,13 @@ def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str
             num_proc=num_proc,
             desc=f"tokenising {source.path.name}",
         )
-        counts.update(encoded["status"])
-        end_tokens.update(t for t in encoded["end_token"] if t >= 0)
-        for row in encoded:
-            if row["status"] != "dropped":
-                records.append(
-                    Record(tuple(row["input_ids"]), tuple(row["targets"]), row["prompt_len"], row["domain"], row["prompt"], row["answer"])
-                )
+        columns = encoded.to_dict()  # column-wise: much faster than iterating rows
+        counts.update(columns["status"])
+        end_tokens.update(t for t in columns["end_token"] if t >= 0)
+        fields = ("input_ids", "targets", "prompt_len", "domain", "prompt", "answer")
+        for ids, targets, prompt_len, domain, prompt, answer, status in zip(*(columns[f] for f in fields), columns["status"]):
+            if status != "dropped":
+                records.append(Record(tuple(ids), tuple(targets), prompt_len, domain, prompt, answer))
     if counts["truncated"] or counts["dropped"]:
         log.warning(
             "data.%s: %d of %d records were longer than data.max_length=%d: %d truncated (prompt cut from the left, "
