@@ -17,6 +17,7 @@ from torch import Tensor
 from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.metrics import EvalSettings
+from kdlab.preflight import check_optimisation
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
 
 
@@ -53,6 +54,7 @@ class DistillModule(L.LightningModule):
         eval_settings: EvalSettings | None = None,
     ):
         super().__init__()
+        check_optimisation(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -115,7 +117,19 @@ class DistillModule(L.LightningModule):
             domain=batch["domain"],
             num_tokens=self._num_tokens(batch["labels"]),
         )
-        out = self.loss(kd_batch)
+        return self._log_loss(self.loss(kd_batch), kd_batch.domain)
+
+    def _log_loss(self, out, domain: Tensor | None) -> Tensor:
+        if not torch.isfinite(out.loss):
+            # stop before a NaN step reaches the weights: the last checkpoint stays the last good one
+            names = getattr(self.trainer.datamodule, "domains", None) if self._trainer is not None else None
+            ids = domain.tolist() if domain is not None else []
+            domains = sorted({names[d] if names else str(d) for d in ids if d >= 0})
+            raise FloatingPointError(
+                f"the training loss is {out.loss.item()} at step {self.global_step} (batch domains: {domains}): training "
+                "diverged. Lower module.lr, keep trainer.gradient_clip_val, or try trainer.precision=32-true; "
+                "the last checkpoint is the last good student, and nothing is exported"
+            )
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
         return out.loss
@@ -163,10 +177,7 @@ class DistillModule(L.LightningModule):
             plain=plain,
             stats=self._rollout_buffer.stats,
         )
-        out = self.loss(kd_batch)
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
-        return out.loss
+        return self._log_loss(self.loss(kd_batch), kd_batch.domain)
 
     @torch.no_grad()
     def _sample(self, prompt_ids: Tensor, prompt_mask: Tensor, teacher_mix: float):

@@ -3,8 +3,9 @@
 Two models use it: the teacher (trained on the suite) and, as in the papers' protocol (MiniLLM,
 GKD and DistiLLM all distil into an SFT-initialised student), the student's warm start. The
 cache key is a hash of everything that determines the trained weights (architecture, tokenizer,
-data, training settings), so changing any of them trains a new model and never silently reuses
-a stale one.
+the tokenised training data itself, training settings, the recipe version), so changing any of
+them trains a new model and never silently reuses a stale one. An entry is written atomically
+with a manifest of checksums, verified on load: a corrupted entry is retrained, never loaded.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from transformers import AutoModelForCausalLM
 from kdlab.data.sampler import DomainMixtureSampler
 from kdlab.losses.divergences import CrossEntropy
 from kdlab.module import DistillModule
+from kdlab.preflight import check_trained
 
 log = logging.getLogger(__name__)
+
+
+RECIPE_VERSION = 2  # bump when the CE training below changes: every cached model is then retrained
+MANIFEST = "kdlab-cache.json"  # written last: the recipe version and a checksum of every weight file
 
 
 def cache_key(*parts) -> str:
@@ -34,12 +40,49 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def data_fingerprint(datamodule) -> str:
+    """A hash of the tokenised training split itself (ids, targets, domains), so that a change of the
+    data behind an unchanged config (a new generator, edited files) is a new cache entry."""
+    digest = hashlib.sha256()
+    for r in datamodule.records["train"]:
+        digest.update(json.dumps([r.domain, r.input_ids, r.targets]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def load_cached(path: Path, role: str):
+    """The model cached at ``path``, or None (with a log line saying why) if the entry is incomplete,
+    from another recipe version, or its weights do not match the checksums recorded at save time."""
+    manifest = path / MANIFEST
+    if not path.exists():
+        return None
+    reason = None
+    if not manifest.is_file():
+        reason = "it has no manifest (an interrupted write or an older kdlab)"
+    else:
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("recipe_version") != RECIPE_VERSION:
+            reason = f"it was trained by recipe version {recorded.get('recipe_version')}, this kdlab's is {RECIPE_VERSION}"
+        elif recorded.get("checksums") != _checksums(path):
+            reason = "its weights do not match the checksums recorded when it was saved (a corrupted file)"
+    if reason:
+        log.warning("The cached %s at %s is not used: %s; training it again", role, path, reason)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    log.info("Loading the cached %s from %s", role, path)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
 def load_or_train(model, training: DictConfig, key: str, cache_dir: str, tokenizer, datamodule, role: str = "teacher"):
     """The cached ``role`` model for ``key``, or ``model`` trained with CE on ``datamodule`` and cached."""
     path = Path(cache_dir).expanduser() / f"{role}s" / key
-    if (path / "config.json").is_file():
-        log.info("Loading the cached %s from %s", role, path)
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    cached = load_cached(path, role)
+    if cached is not None:
+        return cached
     log.info(
         "Training the %s (first use of this config: %d CE steps); it will be cached at %s",
         role,
@@ -70,11 +113,13 @@ def load_or_train(model, training: DictConfig, key: str, cache_dir: str, tokeniz
     # on whether this model came from the cache.
     sampler = DomainMixtureSampler(datamodule.domain_indices, seed=training.seed)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(sampler))
+    check_trained(trainer, model, what=role)  # a diverged or untrained model is never cached
     # Write to a temporary folder and rename, so an interrupted run never leaves half a model
-    # that later runs would load.
+    # that later runs would load; the manifest (recipe version, checksums) is written last.
     tmp = path.with_name(f"{key}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps({"recipe_version": RECIPE_VERSION, "checksums": _checksums(tmp)}, indent=2))
     if path.exists():
         shutil.rmtree(tmp)  # another process cached it meanwhile; keep theirs
     else:

@@ -14,21 +14,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
-from kdlab.pretrain import cache_key, load_or_train
+from kdlab.preflight import check_batches, check_run, check_trained
+from kdlab.pretrain import cache_key, data_fingerprint, load_or_train
 
 log = logging.getLogger(__name__)
 
 # W&B stays offline (no login, no network) unless the user opts in with WANDB_MODE=online.
 OmegaConf.register_new_resolver("kdlab.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
+# Run folders end with the process id: two runs started in the same second get their own folders.
+OmegaConf.register_new_resolver("kdlab.pid", os.getpid, replace=True)
 
 
 def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
@@ -46,19 +54,20 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
         splits = OmegaConf.merge(splits, {"n_train": training.n_train})
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
     settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
-    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, cfg.data.batch_size)
+    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, cfg.data.batch_size, data_fingerprint(datamodule))
     return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """One distillation run; returns its final metrics (also written to ``metrics.json``)."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
     # Everything a user can get wrong is checked before a model is built or trained.
+    check_run(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     check_tokenizers(tokenizer, cfg.model.student.get("path"))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    check_batches(datamodule, cfg.data.batch_size)
     loss = instantiate(cfg.loss)
     if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
@@ -76,7 +85,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SIGTERMException:  # Lightning stops at the next step and exits with code 0: say so, and fail
+        checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        raise RunInterrupted(
+            f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; "
+            f"{'the best checkpoint so far is ' + checkpoint if checkpoint else 'no checkpoint was written'}; "
+            "nothing was exported (no metrics.json, no student/)"
+        ) from None
     # The exported student is the best one by val/loss; its val and test metrics are the final ones.
     best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
     metrics = {}
@@ -84,6 +101,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
     metrics = dict(sorted(metrics.items()))
+    check_trained(trainer, student, metrics)  # an untrained or diverged student is never exported
     if not trainer.is_global_zero:
         return metrics  # under DDP, rank 0 alone writes the run's files
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -100,9 +118,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+class RunInterrupted(RuntimeError):
+    """The run was stopped by a signal before it finished (pre-emption, ``kill``, ``scancel``)."""
+
+
+def finished_jobs(sweep_dir: Path) -> list[str]:
+    return sorted((p.parent.name for p in sweep_dir.glob("*/metrics.json")), key=lambda n: (len(n), n))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except RunInterrupted as err:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            done = finished_jobs(Path(hydra_cfg.sweep.dir))
+            err = f"{err}. Sweep {hydra_cfg.sweep.dir}: job {hydra_cfg.job.num} interrupted, finished jobs: {done or 'none'}; later jobs did not run"
+        log.error("%s", err)
+        print(f"kdlab: {err}", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGTERM)  # non-zero, as a shell reports a process killed by SIGTERM
+    except Exception:
+        log.exception("the run failed")  # into the job's own log (train.log in its folder), not only stderr
+        raise
     if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():
         import wandb
 

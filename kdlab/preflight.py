@@ -1,0 +1,131 @@
+"""Checks that run before any model is built: settings a run cannot do what was asked with.
+
+Each check raises ``ValueError`` naming the setting, the value, and the fix. ``kdlab.train``
+calls :func:`check_run` first, so a bad value never costs a teacher training, and
+:func:`check_trained` last, so a run that trained nothing or diverged never exports or caches a
+model (a run must fail rather than hand back a wrong result with exit code 0).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+
+def check_optimisation(lr: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float, prefix: str = "module") -> None:
+    """AdamW and the warmup + cosine schedule (``module.*``, or ``model.<role>_training.*``)."""
+    problems = []
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        problems.append(f"{prefix}.lr={lr!r} must be a finite number > 0")
+    elif lr > 1.0:
+        problems.append(f"{prefix}.lr={lr!r} is above 1, where AdamW diverges to NaN; typical values are 1e-5 to 1e-2")
+    if weight_decay is not None and not 0.0 <= weight_decay < 1.0:
+        problems.append(f"{prefix}.weight_decay={weight_decay!r} must be in [0, 1)")
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas)):
+        problems.append(f"{prefix}.betas={list(betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if warmup_steps is not None and warmup_steps < 0:
+        problems.append(f"{prefix}.warmup_steps={warmup_steps!r} must be >= 0")
+    if min_lr_ratio is not None and not 0.0 <= min_lr_ratio <= 1.0:
+        problems.append(f"{prefix}.min_lr_ratio={min_lr_ratio!r} must be in [0, 1] (a negative learning rate trains by gradient ascent)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    max_steps = trainer.get("max_steps", -1)
+    if max_steps == 0 or max_steps < -1 or (max_steps == -1 and not trainer.get("max_epochs")):
+        raise ValueError(
+            f"trainer.max_steps={max_steps} trains nothing; set trainer.max_steps to the number of optimiser steps (>= 1)"
+        )
+    interval = trainer.get("val_check_interval")
+    if interval is not None and (interval <= 0 or (isinstance(interval, float) and interval > 1.0)):
+        raise ValueError(
+            f"trainer.val_check_interval={interval} is invalid: an int >= 1 (steps between validations) or a float in (0, 1]"
+        )
+    if trainer.get("accumulate_grad_batches", 1) < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be >= 1")
+
+
+def check_cache_dir(path) -> Path:
+    """The cache folder of trained teachers and warm starts: set, a folder, and writable."""
+    if path is None or not str(path).strip():
+        raise ValueError(
+            "the model cache path is empty (KDLAB_CACHE is set to an empty value?); unset KDLAB_CACHE for ~/.cache/kdlab "
+            "or point it at a folder"
+        )
+    folder = Path(str(path)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the model cache path {str(folder)!r} (paths.cache_dir / KDLAB_CACHE) is a file; point it at a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"the model cache folder {str(folder)!r} cannot be created ({err.strerror}); set KDLAB_CACHE to a writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the model cache folder {str(folder)!r} is not writable; set KDLAB_CACHE to a writable folder")
+    return folder
+
+
+def check_output_dir(path) -> Path:
+    folder = Path(str(path)).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"the run folder {str(folder)!r} cannot be created ({err.strerror}); set hydra.run.dir (or hydra.sweep.dir) to a writable place") from None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the run folder {str(folder)!r} is not writable; set hydra.run.dir (or hydra.sweep.dir) to a writable place")
+    return folder
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Every setting of ``kdlab.train`` that can be checked without data or models."""
+    check_output_dir(cfg.paths.output_dir)
+    check_trainer(cfg.trainer)
+    module = cfg.module
+    check_optimisation(module.lr, module.get("weight_decay"), module.get("betas"), module.get("warmup_steps"), module.get("min_lr_ratio"))
+    trained = [role for role in ("teacher", "student") if cfg.model.get(f"{role}_training")]
+    for role in trained:
+        t = cfg.model[f"{role}_training"]
+        check_optimisation(t.lr, None, None, t.get("warmup_steps"), t.get("min_lr_ratio"), prefix=f"model.{role}_training")
+        if t.max_steps < 1:
+            raise ValueError(f"model.{role}_training.max_steps={t.max_steps} trains nothing; set it >= 1 or model.{role}_training=null")
+    if trained:
+        check_cache_dir(cfg.paths.cache_dir)
+
+
+def check_batches(datamodule, batch_size: int) -> None:
+    """The training split yields at least one full batch (the last partial batch is dropped)."""
+    n = len(datamodule.records["train"])
+    if n < batch_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} is larger than the training set ({n} records): no training batch can be formed. "
+            f"Set data.batch_size={n} or less, or add training data."
+        )
+
+
+def non_finite_parameters(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def check_trained(trainer, model, metrics: dict[str, float] | None = None, what: str = "student") -> None:
+    """After training: the model took optimiser steps, and its weights and final metrics are finite."""
+    if trainer.global_step == 0:
+        raise RuntimeError(
+            f"the {what} took no optimiser step (no training batch: is data.batch_size larger than the training set?); "
+            "nothing is exported or cached"
+        )
+    bad = non_finite_parameters(model)
+    if bad:
+        raise FloatingPointError(
+            f"the {what}'s weights are not finite after training ({len(bad)} tensors, e.g. {bad[0]}): training diverged. "
+            "Lower the learning rate (module.lr) or keep trainer.gradient_clip_val; nothing is exported or cached"
+        )
+    bad_metrics = sorted(k for k, v in (metrics or {}).items() if not math.isfinite(v))
+    if bad_metrics:
+        raise FloatingPointError(
+            f"the {what}'s final metrics are not finite ({', '.join(bad_metrics[:5])}); training diverged. "
+            "Lower module.lr; nothing is exported"
+        )
