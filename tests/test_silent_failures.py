@@ -1,0 +1,244 @@
+"""No silent wrong results: every run that cannot do what was asked fails, clearly and early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from transformers import BertConfig, BertLMHeadModel
+
+import kdlab.train
+from kdlab.losses.base import LossOutput
+from kdlab.preflight import check_trained
+from kdlab.pretrain import MANIFEST, data_fingerprint, load_cached, load_or_train
+from kdlab.train import run
+from tests.conftest import CONF_DIR, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fails the test if a model is built: a preflight error must come before any expensive work."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the bad setting was reported")
+
+    monkeypatch.setattr(kdlab.train, "build_model", refuse)
+
+
+# -- 1, 2, 6: settings that cannot work are refused before any model is built ----------------------
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.max_steps=0", r"trainer.max_steps=0 trains nothing"),
+        ("module.min_lr_ratio=-1", r"module.min_lr_ratio=-1.* gradient ascent"),
+        ("module.lr=1e6", r"module.lr=1000000.0 is above 1"),
+        ("module.lr=-1", r"module.lr=-1 must be a finite number > 0"),
+        ("module.betas=[0.9]", r"module.betas=\[0.9\] must be two numbers"),
+        ("trainer.val_check_interval=0", r"trainer.val_check_interval=0 is invalid"),
+        ("model.student_training.max_steps=0", r"model.student_training.max_steps=0 trains nothing"),
+        ("model.teacher_training.min_lr_ratio=-1", r"model.teacher_training.min_lr_ratio=-1"),
+    ],
+)
+def test_bad_settings_stop_before_models_are_built(tiny_cfg, no_models, override, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny_cfg(override))
+
+
+def test_batch_larger_than_the_training_set_stops_before_models(tiny_cfg, no_models):
+    with pytest.raises(ValueError, match=r"data.batch_size=1000 is larger than the training set \(200 records\)"):
+        run(tiny_cfg("data.batch_size=1000"))
+
+
+@pytest.mark.parametrize("value, message", [("", "cache path is empty"), ("FILE", "is a file; point it at a folder")])
+def test_cache_path_is_checked_before_the_teacher_trains(tiny_cfg, no_models, tmp_path, value, message):
+    cfg = tiny_cfg()
+    if value == "FILE":
+        value = tmp_path / "a_file"
+        value.write_text("")
+    cfg.paths.cache_dir = str(value)
+    with pytest.raises((ValueError, NotADirectoryError), match=message):
+        run(cfg)
+
+
+def test_a_run_that_took_no_step_is_never_exported():
+    trainer = type("T", (), {"global_step": 0})()
+    with pytest.raises(RuntimeError, match="took no optimiser step"):
+        check_trained(trainer, torch.nn.Linear(2, 2))
+
+
+# -- 3: nothing non-finite is ever exported or cached ----------------------------------------------
+class NaNAfter:
+    """A test loss: cross-entropy for ``steps`` calls, then NaN (a diverging run)."""
+
+    needs_teacher = False
+
+    def __init__(self, steps: int = 3):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        logits = batch.student_logits.flatten(0, 1).float()
+        loss = torch.nn.functional.cross_entropy(logits, batch.labels.flatten(), ignore_index=-100)
+        return LossOutput(loss=loss * (float("nan") if self.calls > self.steps else 1.0), logs={})
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_domains_and_exports_nothing(tiny_cfg):
+    cfg = tiny_cfg("loss=ce", f"loss._target_={__name__}.NaNAfter", "+loss.steps=4")
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 4 \(batch domains: \[.*'add'.*\]\).*Lower module.lr"):
+        run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert not (out / "metrics.json").exists() and not (out / "student").exists()
+    assert (out / "checkpoints" / "best.ckpt").is_file()  # the last good student (validated at step 3) is kept
+
+
+def test_diverged_weights_are_refused():
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"weights are not finite.*weight"):
+        check_trained(type("T", (), {"global_step": 5})(), model)
+    with pytest.raises(FloatingPointError, match=r"final metrics are not finite \(test/ppl\)"):
+        check_trained(type("T", (), {"global_step": 5})(), torch.nn.Linear(2, 2), {"test/ppl": float("nan"), "val/ppl": 2.0})
+
+
+def test_a_diverging_teacher_training_is_never_cached(tiny_cfg, tmp_path, monkeypatch):
+    import kdlab.pretrain
+
+    monkeypatch.setattr(kdlab.pretrain, "CrossEntropy", lambda: NaNAfter(steps=2))
+    cfg = tiny_cfg()
+    tok = instantiate(cfg.model.tokenizer)
+    dm = instantiate(cfg.data, tokenizer=tok)
+    model = instantiate(cfg.model.teacher, tokenizer=tok)
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 2"):
+        load_or_train(model, cfg.model.teacher_training, "key", str(tmp_path), tok, dm)
+    assert not any((tmp_path / "teachers").glob("key*")) if (tmp_path / "teachers").exists() else True
+
+
+# -- 4: a student that reads future tokens ---------------------------------------------------------
+def test_a_bert_student_is_refused_before_training(tmp_path):
+    from examples.tiny_pair import build, tokenizer
+
+    teacher, _ = build("gpt2", tmp_path / "pair")
+    tok = tokenizer("gpt2")
+    bert = BertLMHeadModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert.save_pretrained(tmp_path / "bert")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Q:", "response": f" {i}"}) + "\n" for i in range(20)))
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["model=hf", f"model.teacher.path={teacher}", f"model.student.path={tmp_path / 'bert'}", "data=files", f"data.train={data}", "logger=csv"])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"student .*bert' is not causal"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- 7, 8: the cache verifies its entries and keys on the data itself ------------------------------
+def test_a_corrupted_cache_entry_is_retrained_not_loaded(tiny_cfg, tmp_path, caplog):
+    cfg = tiny_cfg("model.teacher_training.max_steps=3")
+    tok = instantiate(cfg.model.tokenizer)
+    dm = instantiate(cfg.data, tokenizer=tok)
+    load_or_train(instantiate(cfg.model.teacher, tokenizer=tok), cfg.model.teacher_training, "k", str(tmp_path), tok, dm)
+    entry = tmp_path / "teachers" / "k"
+    assert json.loads((entry / MANIFEST).read_text())["checksums"]
+    weights = entry / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-64:] = b"\xff" * 64  # flip the last weights' bytes: loads, but as garbage (NaN/inf)
+    weights.write_bytes(bytes(blob))
+    with caplog.at_level("WARNING"):
+        again = load_or_train(instantiate(cfg.model.teacher, tokenizer=tok), cfg.model.teacher_training, "k", str(tmp_path), tok, dm)
+    assert "do not match the checksums" in caplog.text and "training it again" in caplog.text
+    assert all(torch.isfinite(p).all() for p in again.parameters())
+    caplog.clear()
+    reloaded = load_cached(entry, "teacher")  # the retrained entry is valid again
+    assert reloaded is not None and "not used" not in caplog.text
+    for a, b in zip(again.state_dict().values(), reloaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_cache_key_changes_with_the_data_behind_an_unchanged_config(tiny_cfg, monkeypatch):
+    from kdlab.data import suite
+
+    cfg = tiny_cfg()
+    tok = instantiate(cfg.model.tokenizer)
+    before = data_fingerprint(instantiate(cfg.data, tokenizer=tok))
+    assert before == data_fingerprint(instantiate(cfg.data, tokenizer=tok))
+    original = suite.build_suite
+
+    def changed_generator(*args, **kwargs):  # a new data generator, same config
+        splits = original(*args, **kwargs)
+        ex = splits["train"][0]
+        splits["train"][0] = type(ex)(ex.domain, ex.prompt, ex.answer + " " + ex.answer.split()[0])
+        return splits
+
+    monkeypatch.setattr(suite, "build_suite", changed_generator)
+    assert data_fingerprint(instantiate(cfg.data, tokenizer=tok)) != before
+
+
+# -- 9: unique run folders -------------------------------------------------------------------------
+def test_run_folders_carry_the_process_id():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert cfg.hydra.run.dir.endswith(f"-{os.getpid()}") and cfg.hydra.sweep.dir.endswith(f"-{os.getpid()}")
+
+
+# -- 10, 11: interrupted runs and failing sweep jobs say so ----------------------------------------
+class TouchOnTrainStart(L.Callback):
+    """Writes ``path`` when training starts, so a test knows when to send its signal."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 2:
+            Path(self.path).write_text("training")
+
+
+def _start(args, cache_dir, tmp_path):
+    env = {**os.environ, "KDLAB_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    marker = tmp_path / "started"
+    cmd = [sys.executable, "-m", "kdlab.train", *args, *TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+           "+callbacks.marker._target_=tests.test_silent_failures.TouchOnTrainStart", f"+callbacks.marker.path={marker}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_run_and_of_a_sweep_exits_non_zero_and_says_what_finished(tmp_path, cache_dir):
+    proc = _start([f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "interrupted by SIGTERM at step" in stderr and "nothing was exported" in stderr
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+    (tmp_path / "started").unlink()
+    proc = _start(["-m", "loss=ce,fkl", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_dir, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "job 0 interrupted, finished jobs: none; later jobs did not run" in stderr
+    assert not (tmp_path / "sweep" / "1").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_sweep_job_writes_its_error_into_its_own_log(tmp_path, cache_dir):
+    env = {**os.environ, "KDLAB_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kdlab.train", "-m", "module.min_lr_ratio=-1", *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    log = (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert "the run failed" in log and "module.min_lr_ratio=-1" in log and "gradient ascent" in log
