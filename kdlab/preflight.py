@@ -50,6 +50,16 @@ def check_trainer(trainer: DictConfig) -> None:
         raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be >= 1")
 
 
+def _writable_folder(folder: Path, what: str, fix: str) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"the {what} {str(folder)!r} cannot be created ({err.strerror}); {fix}") from None
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the {what} {str(folder)!r} is not writable; {fix}")
+    return folder
+
+
 def check_cache_dir(path) -> Path:
     """The cache folder of trained teachers and warm starts: set, a folder, and writable."""
     if path is None or not str(path).strip():
@@ -60,24 +70,12 @@ def check_cache_dir(path) -> Path:
     folder = Path(str(path)).expanduser()
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"the model cache path {str(folder)!r} (paths.cache_dir / KDLAB_CACHE) is a file; point it at a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"the model cache folder {str(folder)!r} cannot be created ({err.strerror}); set KDLAB_CACHE to a writable folder") from None
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"the model cache folder {str(folder)!r} is not writable; set KDLAB_CACHE to a writable folder")
-    return folder
+    return _writable_folder(folder, "model cache folder", "set KDLAB_CACHE to a writable folder")
 
 
 def check_output_dir(path) -> Path:
-    folder = Path(str(path)).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PermissionError(f"the run folder {str(folder)!r} cannot be created ({err.strerror}); set hydra.run.dir (or hydra.sweep.dir) to a writable place") from None
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"the run folder {str(folder)!r} is not writable; set hydra.run.dir (or hydra.sweep.dir) to a writable place")
-    return folder
+    fix = "set hydra.run.dir (or hydra.sweep.dir) to a writable place"
+    return _writable_folder(Path(str(path)).expanduser(), "run folder", fix)
 
 
 def check_run(cfg: DictConfig) -> None:

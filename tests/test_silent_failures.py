@@ -242,3 +242,11 @@ def test_a_failing_sweep_job_writes_its_error_into_its_own_log(tmp_path, cache_d
     assert result.returncode != 0
     log = (tmp_path / "sweep" / "0" / "train.log").read_text()
     assert "the run failed" in log and "module.min_lr_ratio=-1" in log and "gradient ascent" in log
+
+
+def test_a_run_folder_that_cannot_be_created_stops_first(tiny_cfg, no_models, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    cfg = tiny_cfg()
+    cfg.paths.output_dir = str(tmp_path / "a_file" / "run")
+    with pytest.raises(PermissionError, match=r"the run folder .* cannot be created \(Not a directory\); set hydra.run.dir"):
+        run(cfg)
