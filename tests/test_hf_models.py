@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertLM
 
 from examples.tiny_pair import build, tokenizer as family_tokenizer
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained, load_tokenizer
+from kdlab.evaluate import evaluate
 from kdlab.train import run
 from tests.conftest import CONF_DIR
 
@@ -122,6 +123,19 @@ def test_llama_and_gpt2_pairs_distil_prompt_response_and_text_data(tmp_path, fam
     assert "test/prose/exact_match" not in metrics and "test/prose/rougeL" not in metrics  # plain text: perplexity only
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student") is not None
+
+    # kdlab.evaluate scores the exported student on the same user data exactly as the run did
+    data_overrides = [o for o in SMALL if o.startswith(("data", "eval"))]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        ecfg = compose("evaluate", overrides=[
+            "model=hf", f"model.teacher.path={teacher}", f"model.student.path={student}", *data_overrides,
+            f"data.train={{add: {qa}, prose: {text}}}", "+data.checker._target_=kdlab.data.datamodule.ExactMatch",
+            "trainer.accelerator=cpu", f"student={tmp_path / 'run' / 'student'}",
+        ])
+    ecfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(ecfg)
+    test_keys = [k for k in metrics if k.startswith("test/")]
+    assert {k: scored[k] for k in test_keys} == pytest.approx({k: metrics[k] for k in test_keys}, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
