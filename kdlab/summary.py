@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+FAILED = "failed.txt"  # written by kdlab.train into a sweep job's folder when the job fails
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,13 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         if not overrides.is_file():
             continue
         row = {"job": job.name, "overrides": list(OmegaConf.load(overrides))}
-        metrics = job / "metrics.json"
+        metrics, failed = job / "metrics.json", job / FAILED
         if metrics.is_file():
             row.update(json.loads(metrics.read_text()))
+        elif failed.is_file():
+            row["status"] = f"failed: {failed.read_text().strip()}"
         else:
-            row["status"] = "no metrics.json (failed or unfinished)"
+            row["status"] = "no metrics.json (unfinished)"
         rows.append(row)
     return rows
 
@@ -86,6 +91,8 @@ def summarize(sweep_dir: str | Path) -> str:
     per_domain = {k for r in student_rows for k in r if k.startswith("test/") and k.count("/") == 2}
     test_domains = sorted(k for k in per_domain if k.endswith("/exact_match")) or sorted(k for k in per_domain if k.endswith("/rougeL"))
     columns = [c for c in (*DEFAULT_COLUMNS, *test_domains) if any(c in r for r in table_rows)]
+    if any("status" in r for r in table_rows):
+        columns.append("status")
     all_keys = ["job", "overrides", *sorted({k for r in table_rows for k in r} - {"job", "overrides"})]
     with open(Path(sweep_dir) / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=all_keys)
@@ -102,3 +109,8 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         table = summarize(sweep_dir)
         print(f"\nSweep summary ({sweep_dir / 'summary.csv'}):\n{table}\n", flush=True)
+        failed = [r for r in collect(sweep_dir) if str(r.get("status", "")).startswith("failed")]
+        if failed:
+            lines = "\n".join(f"  job {r['job']} ({' '.join(r['overrides'])}): {r['status']}" for r in failed)
+            print(f"{len(failed)} job(s) failed (their logs: <job>/train.log):\n{lines}", file=sys.stderr, flush=True)
+            sys.exit(1)  # the finished jobs are in the table; the sweep as a whole did not succeed

@@ -11,6 +11,7 @@ val/test metrics), ``student/`` (the student and tokenizer, loadable with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_run, check_trained
 from kdlab.pretrain import cache_key, data_fingerprint, load_or_train
+from kdlab.summary import FAILED
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +140,15 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", err)
         print(f"kdlab: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)  # non-zero, as a shell reports a process killed by SIGTERM
-    except Exception:
+    except Exception as err:
         log.exception("the run failed")  # into the job's own log (train.log in its folder), not only stderr
-        raise
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep the other jobs still run; this one is listed as failed, with its error, in
+        # summary.csv and the printed table (kdlab.summary), and the sweep exits non-zero.
+        with contextlib.suppress(OSError):  # the failure may be that the folder is not writable
+            (Path(cfg.paths.output_dir) / FAILED).write_text(f"{type(err).__name__}: {err}")
+        return float("nan") if cfg.get("optimized_metric") else None
     if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():
         import wandb
 
