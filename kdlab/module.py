@@ -92,10 +92,20 @@ class DistillModule(L.LightningModule):
     def teacher_logits(self, batch: dict) -> Tensor:
         return self.logits(self.teacher, batch)
 
-    def _num_tokens(self, labels: Tensor) -> Tensor:
-        # DDP averages gradients over ranks, so dividing each rank's sum by the mean count across
-        # ranks makes the step the global token mean (METHODS.md §1, one shared reduction).
-        count = (labels != IGNORE_INDEX).sum().float()
+    def _num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
+        """The normaliser that makes an optimiser step's loss Σ(valid tokens) / N(valid tokens).
+
+        N counts the whole step: every rank and, under gradient accumulation, every micro-batch.
+        DDP averages gradients over W ranks and Lightning divides each of k micro-batch losses by
+        k, so a micro-batch's sum is divided by mean_ranks(N_window) / k, where N_window is the
+        rank's valid tokens over its k micro-batches (``window_tokens``, counted by the DataModule
+        before the first of them): the step's gradient is then that of Σ_all / N_all, as one batch
+        of k·b·W records. Without a window (rollouts, k = 1) N is the micro-batch's own count.
+        """
+        if batch is not None and "window_tokens" in batch:
+            count = batch["window_tokens"].float() / batch["window_size"].float()
+        else:
+            count = (labels != IGNORE_INDEX).sum().float()
         if self._trainer is not None and self.trainer.world_size > 1:
             count = self.trainer.strategy.reduce(count, reduce_op="mean")
         return count
@@ -115,7 +125,7 @@ class DistillModule(L.LightningModule):
             teacher_logits=teacher_logits,
             labels=batch["labels"],
             domain=batch["domain"],
-            num_tokens=self._num_tokens(batch["labels"]),
+            num_tokens=self._num_tokens(batch["labels"], batch),
         )
         return self._log_loss(self.loss(kd_batch), kd_batch.domain)
 

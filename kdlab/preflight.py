@@ -94,13 +94,14 @@ def check_run(cfg: DictConfig) -> None:
         check_cache_dir(cfg.paths.cache_dir)
 
 
-def check_batches(datamodule, batch_size: int) -> None:
-    """The training split yields at least one full batch (the last partial batch is dropped)."""
+def check_batches(datamodule, batch_size: int, accumulate: int = 1) -> None:
+    """The training split yields at least one optimiser step's records (a partial last batch is dropped)."""
     n = len(datamodule.records["train"])
-    if n < batch_size:
+    if n < batch_size * accumulate:
+        times = f" x trainer.accumulate_grad_batches={accumulate}" if accumulate > 1 else ""
         raise ValueError(
-            f"data.batch_size={batch_size} is larger than the training set ({n} records): no training batch can be formed. "
-            f"Set data.batch_size={n} or less, or add training data."
+            f"data.batch_size={batch_size}{times} is larger than the training set ({n} records): no training batch can be "
+            f"formed. Set data.batch_size={n // accumulate} or less, or add training data."
         )
 
 

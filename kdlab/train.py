@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = instantiate(cfg.model.tokenizer)
     check_tokenizers(tokenizer, cfg.model.student.get("path"))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    check_batches(datamodule, cfg.data.batch_size)
+    check_batches(datamodule, cfg.data.batch_size, cfg.trainer.get("accumulate_grad_batches", 1))
     loss = instantiate(cfg.loss)
     if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")

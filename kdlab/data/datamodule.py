@@ -188,16 +188,31 @@ class KDDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> list[dict]:
         return [{"record": r, "index": i} for i, r in enumerate(self.records[split])]
 
-    def train_dataloader(self, sampler: DomainMixtureSampler | None = None) -> DataLoader:
-        """Training batches drawn by ``sampler`` (default: this module's mixture sampler)."""
-        return DataLoader(
+    def train_dataloader(self, sampler: DomainMixtureSampler | None = None):
+        """Training batches drawn by ``sampler`` (default: this module's mixture sampler).
+
+        With gradient accumulation over k micro-batches (``trainer.accumulate_grad_batches``),
+        each optimiser step's k·b records are drawn and counted together, and every micro-batch
+        carries the window's valid-token count (``window_tokens``, ``window_size`` = k), so that the
+        step's loss is the sum over the window's valid tokens divided by their number, exactly as
+        one batch of k·b (kdlab.module.DistillModule._num_tokens).
+        """
+        k = self.trainer.accumulate_grad_batches if self._trainer_attached() else 1
+        loader = DataLoader(
             self._dataset("train"),
-            batch_size=self.batch_size,
+            batch_size=self.batch_size * k,
             sampler=sampler or self.sampler,
             collate_fn=self._train_collate,
             num_workers=self.num_workers,
             drop_last=True,
         )
+        return loader if k == 1 else MicroBatches(loader, k)
+
+    def _trainer_attached(self) -> bool:
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # a DataModule used without a Trainer
+            return False
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
@@ -218,3 +233,40 @@ class KDDataModule(L.LightningDataModule):
         """Score one generated continuation of ``split``'s record ``index`` (needs a checker)."""
         return bool(self.checker(self.records[split][index], output))
 
+
+
+class MicroBatches:
+    """Splits each batch of k·b records into k micro-batches that carry the whole window's
+    valid-token count, so that gradient accumulation normalises by the optimiser step's tokens."""
+
+    def __init__(self, loader: DataLoader, k: int):
+        self.loader, self.k = loader, k
+
+    def __len__(self) -> int:
+        return len(self.loader) * self.k
+
+    def __iter__(self):
+        for window in self.loader:
+            tokens = (window["labels"] != IGNORE_INDEX).sum()
+            for micro in split_batch(window, self.k):
+                micro.update(window_tokens=tokens, window_size=torch.tensor(self.k))
+                yield micro
+
+
+def split_batch(batch: dict, k: int) -> list[dict]:
+    """``batch`` as k equal micro-batches, each trimmed to its own longest sequence and prompt."""
+    size = batch["input_ids"].shape[0] // k
+    out = []
+    for i in range(k):
+        rows = slice(i * size, (i + 1) * size)
+        micro = {key: value[rows] for key, value in batch.items() if not isinstance(value, dict)}
+        width = int(micro["attention_mask"].sum(-1).max())
+        for key in ("input_ids", "attention_mask", "labels"):
+            micro[key] = micro[key][:, :width]
+        if "prompt_mask" in micro:
+            prompt_width = int(micro["prompt_mask"].sum(-1).max())
+            micro["prompt_ids"], micro["prompt_mask"] = micro["prompt_ids"][:, -prompt_width:], micro["prompt_mask"][:, -prompt_width:]
+        if isinstance(batch.get("plain"), dict):  # the pre-training corpus batch, split alike
+            micro["plain"] = {key: value[rows] for key, value in batch["plain"].items()}
+        out.append(micro)
+    return out

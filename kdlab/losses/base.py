@@ -52,4 +52,6 @@ def masked_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | None = None) 
     mask = mask.bool()
     total = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
     count = mask.sum() if num_tokens is None else num_tokens
-    return total / count.clamp(min=1).to(values.dtype)
+    count = torch.as_tensor(count, device=values.device)
+    # only a zero count is replaced (all masked: 0, not 0/0); a fractional one is a window's share
+    return total / torch.where(count > 0, count, torch.ones_like(count)).to(values.dtype)
