@@ -112,7 +112,7 @@ def load_or_train(model, training: DictConfig, key: str, cache_dir: str, tokeniz
     # A sampler of its own (uniform, own seed): the distillation's data stream must not depend
     # on whether this model came from the cache.
     sampler = DomainMixtureSampler(datamodule.domain_indices, seed=training.seed)
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(sampler))
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(sampler, batch_size=training.get("batch_size")))
     check_trained(trainer, model, what=role)  # a diverged or untrained model is never cached
     # Write to a temporary folder and rename, so an interrupted run never leaves half a model
     # that later runs would load; the manifest (recipe version, checksums) is written last.

@@ -56,7 +56,8 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
         splits = OmegaConf.merge(splits, {"n_train": training.n_train})
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
     settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
-    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, cfg.data.batch_size, data_fingerprint(datamodule))
+    batch_size = training.get("batch_size") or cfg.data.batch_size  # its own, or the distillation's
+    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, batch_size, data_fingerprint(datamodule))
     return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
 
 

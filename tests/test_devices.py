@@ -51,11 +51,13 @@ def test_a_joblib_sweep_runs_two_jobs_in_parallel_and_prints_the_table(tmp_path,
 
 @pytest.mark.slow
 def test_two_process_ddp_reaches_the_metrics_of_one_process_with_the_same_global_batch(tiny_cfg, tmp_path, cache_dir):
-    single = run(tiny_cfg("data.batch_size=32", "data.splits.n_train=200"))
+    # the same teacher and the same student init in both (their CE training batch is not the per-device one)
+    same = ["model.teacher_training.batch_size=16", "model.student_training.batch_size=16", "data.splits.n_train=200"]
+    single = run(tiny_cfg("data.batch_size=32", *same))
     env = {**os.environ, "KDLAB_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(out), str(cache_dir), "data.batch_size=16", "data.splits.n_train=200"],
+        [sys.executable, str(ROOT / "tests" / "ddp_run.py"), str(out), str(cache_dir), "data.batch_size=16", *same],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

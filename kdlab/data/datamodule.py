@@ -188,8 +188,9 @@ class KDDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> list[dict]:
         return [{"record": r, "index": i} for i, r in enumerate(self.records[split])]
 
-    def train_dataloader(self, sampler: DomainMixtureSampler | None = None):
-        """Training batches drawn by ``sampler`` (default: this module's mixture sampler).
+    def train_dataloader(self, sampler: DomainMixtureSampler | None = None, batch_size: int | None = None):
+        """Training batches of ``batch_size`` (default ``data.batch_size``) drawn by ``sampler``
+        (default: this module's mixture sampler).
 
         With gradient accumulation over k micro-batches (``trainer.accumulate_grad_batches``),
         each optimiser step's k·b records are drawn and counted together, and every micro-batch
@@ -200,7 +201,7 @@ class KDDataModule(L.LightningDataModule):
         k = self.trainer.accumulate_grad_batches if self._trainer_attached() else 1
         loader = DataLoader(
             self._dataset("train"),
-            batch_size=self.batch_size * k,
+            batch_size=(batch_size or self.batch_size) * k,
             sampler=sampler or self.sampler,
             collate_fn=self._train_collate,
             num_workers=self.num_workers,
