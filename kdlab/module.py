@@ -82,6 +82,31 @@ class DistillModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
+        # what else decides the rest of the run, for an exact resume (Lightning keeps the student,
+        # optimizer, scheduler, step and callbacks; the DataModule its sampler)
+        checkpoint["kdlab"] = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rollout_generator": self._rollout_generator.get_state() if self._rollout_generator is not None else None,
+            "rollout_device": str(self._rollout_generator.device) if self._rollout_generator is not None else None,
+            "rollout_buffer": self._rollout_buffer.state_dict() if self._rollout_buffer is not None else None,
+            "teacher_val_ppl": self.evaluation.teacher_val_ppl,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("kdlab")
+        if not state:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["rollout_generator"] is not None:
+            self._rollout_generator = torch.Generator(state["rollout_device"])
+            self._rollout_generator.set_state(state["rollout_generator"])
+        if state["rollout_buffer"] is not None:
+            self._rollout_buffer = RolloutBuffer(self.loss.rollout, seed=torch.initial_seed())
+            self._rollout_buffer.load_state_dict(state["rollout_buffer"])
+        self.evaluation.teacher_val_ppl = state["teacher_val_ppl"]
 
     # -- forwards -----------------------------------------------------------------------------
     def logits(self, model, batch: dict) -> Tensor:

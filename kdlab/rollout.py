@@ -367,6 +367,16 @@ class RolloutBuffer:
         self.stats: dict[str, Tensor] = {}
         self._shuffle = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        """The loop's position: step, the rollouts still to serve and the shuffling state."""
+        rollout = dict(vars(self.rollout)) if self.rollout is not None else None  # plain tensors: loads with weights_only
+        return {"step": self.step, "queue": self.queue, "rollout": rollout, "stats": self.stats, "shuffle": self._shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.queue, self.stats = state["step"], state["queue"], state["stats"]
+        self.rollout = Rollout(**state["rollout"]) if state["rollout"] is not None else None
+        self._shuffle.set_state(state["shuffle"])
+
     def is_rollout_step(self, step: int) -> bool:
         lam = self.settings.fraction
         return math.floor((step + 1) * lam) > math.floor(step * lam)

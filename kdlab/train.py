@@ -31,14 +31,18 @@ from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_run, check_trained
 from kdlab.pretrain import cache_key, data_fingerprint, load_or_train
+from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
 from kdlab.summary import FAILED
 
 log = logging.getLogger(__name__)
 
 # W&B stays offline (no login, no network) unless the user opts in with WANDB_MODE=online.
 OmegaConf.register_new_resolver("kdlab.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
-# Run folders end with the process id: two runs started in the same second get their own folders.
-OmegaConf.register_new_resolver("kdlab.pid", os.getpid, replace=True)
+# Run folders end with the process id (two runs started in the same second get their own folders),
+# or under SLURM the job id, which a requeued job keeps: it finds its folder and resumes there.
+OmegaConf.register_new_resolver(
+    "kdlab.run_id", lambda: os.environ.get("SLURM_JOB_ID") or str(os.getpid()), replace=True
+)
 
 
 def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
@@ -66,6 +70,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Everything a user can get wrong is checked before a model is built or trained.
     check_run(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = checkpoint_to_resume(cfg, out_dir)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     check_tokenizers(tokenizer, cfg.model.student.get("path"))
@@ -83,25 +88,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
     eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
     module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, **cfg.module)
 
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        save_logger_id(logger, out_dir)
+    save_config(cfg, out_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
     try:
-        trainer.fit(module, datamodule=datamodule)
-    except SIGTERMException:  # Lightning stops at the next step and exits with code 0: say so, and fail
-        checkpoint = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except SIGTERMException:  # Lightning stops at the next step and exits with code 0: save, say so, and fail
+        last = last_checkpoint(out_dir)
+        trainer.save_checkpoint(last)
         raise RunInterrupted(
-            f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; "
-            f"{'the best checkpoint so far is ' + checkpoint if checkpoint else 'no checkpoint was written'}; "
-            "nothing was exported (no metrics.json, no student/)"
+            f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; saved {last}: continue with "
+            "resume=auto (same hydra.run.dir); nothing was exported (no metrics.json, no student/)"
         ) from None
     # The exported student is the best one by val/loss; its val and test metrics are the final ones.
     best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
     metrics = {}
     for evaluate in (trainer.validate, trainer.test):
-        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
     metrics = dict(sorted(metrics.items()))
     check_trained(trainer, student, metrics)  # an untrained or diverged student is never exported

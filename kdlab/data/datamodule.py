@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from kdlab.data.records import Record, prompt_answer_record
-from kdlab.data.sampler import DomainMixtureSampler
+from kdlab.data.sampler import DomainMixtureSampler, MixtureBatchSampler
 from kdlab.losses.base import IGNORE_INDEX
 
 Checker = Callable[[Record, str], bool]
@@ -91,6 +91,8 @@ class KDDataModule(L.LightningDataModule):
             domain_indices[r.domain].append(i)
         self.domain_indices = domain_indices
         self.sampler = DomainMixtureSampler(domain_indices, self._initial_weights(mixing), seed=seed)
+        self.batches: MixtureBatchSampler | None = None  # the run's training batches, once a loader is built
+        self._restored: tuple[dict, int] | None = None  # a checkpoint's sampler state, applied to the next loader
         self._pretrain_generator: torch.Generator | None = None
 
     def setup(self, stage: str) -> None:
@@ -199,15 +201,30 @@ class KDDataModule(L.LightningDataModule):
         one batch of k·b (kdlab.module.DistillModule._num_tokens).
         """
         k = self.trainer.accumulate_grad_batches if self._trainer_attached() else 1
+        batches = MixtureBatchSampler(sampler or self.sampler, (batch_size or self.batch_size) * k)
+        if sampler is None:  # the run's own stream: checkpointed (state_dict) for exact resume
+            if self._restored is not None:
+                batches.load_state_dict(*self._restored)
+                self._restored = None
+            self.batches = batches
         loader = DataLoader(
             self._dataset("train"),
-            batch_size=(batch_size or self.batch_size) * k,
-            sampler=sampler or self.sampler,
+            batch_sampler=batches,
             collate_fn=self._train_collate,
             num_workers=self.num_workers,
-            drop_last=True,
         )
         return loader if k == 1 else MicroBatches(loader, k)
+
+    # -- exact resume: the training stream's state after the batches already trained on ------------
+    def state_dict(self) -> dict:
+        if self.batches is None:
+            return {}
+        consumed = self.trainer.global_step  # one loader batch (k micro-batches) per optimiser step
+        return {"sampler": self.batches.state_before(consumed), "served": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._restored = (state["sampler"], state["served"])
 
     def _trainer_attached(self) -> bool:
         try:

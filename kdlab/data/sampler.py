@@ -69,6 +69,23 @@ class DomainMixtureSampler(Sampler[int]):
         self._cursors[d] += 1
         return d, int(self._orders[d][self._cursors[d] - 1])
 
+    def state_dict(self) -> dict:
+        """Everything that decides the next draws (for exact resume): the random state, each
+        domain's permutation and position, the weights and the draw counts."""
+        return {
+            "generator": self._gen.get_state(),
+            "orders": [o.clone() for o in self._orders],
+            "cursors": list(self._cursors),
+            "weights": self.weights.clone(),
+            "counts": self.counts.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._gen.set_state(state["generator"])
+        self._orders = [o.clone() for o in state["orders"]]
+        self._cursors = list(state["cursors"])
+        self.weights, self.counts = state["weights"].clone(), state["counts"].clone()
+
     def __iter__(self) -> Iterator[int]:
         for _ in range(len(self)):
             # Ranks share one stream: every rank draws a whole round of world_size draws and keeps
@@ -77,3 +94,41 @@ class DomainMixtureSampler(Sampler[int]):
             d, index = [self._draw() for _ in range(self.world_size)][self.rank]
             self.counts[d] += 1
             yield index
+
+
+class MixtureBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` draws of a :class:`DomainMixtureSampler`, remembering the
+    sampler's state before each of the last few batches.
+
+    The loader fetches a batch ahead of the one being trained on, so the sampler's live state
+    is past what has been trained; ``state_before(n)`` is the state after exactly ``n`` batches,
+    which a checkpoint stores so that a resumed run draws the very batches an uninterrupted one
+    would have drawn.
+    """
+
+    def __init__(self, sampler: DomainMixtureSampler, batch_size: int, keep: int = 8):
+        self.sampler, self.batch_size, self.keep = sampler, batch_size, keep
+        self.served = 0  # batches handed out so far, across epochs
+        self._states: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        draws = iter(self.sampler)
+        for _ in range(len(self)):
+            self._states[self.served] = self.sampler.state_dict()
+            self._states.pop(self.served - self.keep, None)
+            self.served += 1
+            yield [next(draws) for _ in range(self.batch_size)]
+
+    def state_before(self, batch: int) -> dict:
+        if batch == self.served:  # nothing fetched ahead
+            return self.sampler.state_dict()
+        if batch not in self._states:
+            raise RuntimeError(f"no sampler state kept for batch {batch} (served {self.served}); cannot checkpoint the data stream")
+        return self._states[batch]
+
+    def load_state_dict(self, state: dict, served: int) -> None:
+        self.sampler.load_state_dict(state)
+        self.served, self._states = served, {}

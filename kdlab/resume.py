@@ -1,0 +1,107 @@
+"""Resuming an interrupted run folder: which checkpoint, whether the config still matches, the logger's run.
+
+    python -m kdlab.train ... hydra.run.dir=outputs/runs/my-run                 # first start
+    python -m kdlab.train ... hydra.run.dir=outputs/runs/my-run resume=auto     # continue it after an interruption
+    python -m kdlab.train ... ckpt_path=outputs/runs/my-run/checkpoints/last.ckpt
+
+A run writes ``<run>/kdlab/config.yaml`` (the resolved config it was started with) and, with W&B,
+``<run>/kdlab/wandb_id``. ``resume=auto`` continues from ``checkpoints/last.ckpt`` (written at every
+validation and on SIGTERM), restoring the student, optimiser, schedule, step, the data stream
+(the sampler's exact position and DDK's weights), the rollout buffer and the random streams, and
+logs into the same W&B run. A folder started with another config is refused, naming the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+IGNORED = ("resume", "ckpt_path", "paths")  # where and how to resume, not what the run is
+
+
+def state_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "kdlab"
+
+
+def last_checkpoint(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints" / "last.ckpt"
+
+
+def _plain(cfg: DictConfig) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in IGNORED:
+        plain.pop(key, None)
+    return plain
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    a, b = _flat(saved), _flat(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint this run continues from (None: a fresh run), after checking the folder."""
+    saved = state_dir(out_dir) / "config.yaml"
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint file")
+        return str(path)
+    resume = cfg.get("resume")
+    if resume not in (None, "auto"):
+        raise ValueError(f"resume={resume!r} is unknown; use resume=auto (continue this run folder) or ckpt_path=<file>")
+    last = last_checkpoint(out_dir)
+    if resume is None:
+        if last.is_file():
+            raise FileExistsError(
+                f"the run folder {out_dir} already holds a run ({last}); continue it with resume=auto, "
+                "or give the new run another hydra.run.dir"
+            )
+        return None
+    if not last.is_file():
+        log.info("resume=auto: %s has no checkpoint yet; starting the run", out_dir)
+        return None
+    if saved.is_file():
+        differ = differing_keys(OmegaConf.to_container(OmegaConf.load(saved)), _plain(cfg))
+        if differ:
+            raise ValueError(
+                f"resume=auto: the run in {out_dir} was started with another config; differing keys: {', '.join(differ[:20])}. "
+                "Resume with the same overrides, or start a new run folder"
+            )
+    log.info("Resuming %s from %s", out_dir, last)
+    return str(last)
+
+
+def save_config(cfg: DictConfig, out_dir: Path) -> None:
+    folder = state_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(_plain(cfg)))
+
+
+def logger_kwargs(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict:
+    """A resumed run logs into its W&B run again (same id); the id of a new one is saved by :func:`save_logger_id`."""
+    saved = state_dir(out_dir) / "wandb_id"
+    if resuming and "wandb" in str(cfg.logger.get("_target_", "")).lower() and saved.is_file():
+        return {"id": saved.read_text().strip(), "resume": "allow"}
+    return {}
+
+
+def save_logger_id(logger, out_dir: Path) -> None:
+    experiment = getattr(logger, "experiment", None)
+    run_id = getattr(experiment, "id", None)
+    if isinstance(run_id, str):
+        state_dir(out_dir).mkdir(parents=True, exist_ok=True)
+        (state_dir(out_dir) / "wandb_id").write_text(run_id)

@@ -1,0 +1,77 @@
+"""Exact resume: a run killed after its first checkpoint and resumed ends as if it had never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kdlab.train import run
+from tests.conftest import CONF_DIR, TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process at training step ``KDLAB_TEST_KILL_AT`` (unset: does nothing), like a node lost."""
+
+    def on_train_batch_start(self, trainer, *args):
+        at = os.environ.get("KDLAB_TEST_KILL_AT")
+        if at and trainer.global_step == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+RUN = [*TINY, "trainer.max_steps=9", "+callbacks.kill._target_=tests.test_resume.KillAt"]
+
+
+def start(out, cache_dir, overrides, kill_at=None):
+    env = {**os.environ, "KDLAB_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env.pop("KDLAB_TEST_KILL_AT", None)
+    if kill_at is not None:
+        env["KDLAB_TEST_KILL_AT"] = str(kill_at)
+    cmd = [sys.executable, "-m", "kdlab.train", *RUN, *overrides, f"hydra.run.dir={out}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["data/mixing=ddk"], ["loss=minillm", "loss.rollout.mini_batch_size=4"]], ids=["ddk", "minillm"])
+def test_killed_after_the_first_checkpoint_and_resumed_gives_the_uninterrupted_metrics(tmp_path, cache_dir, overrides):
+    whole = start(tmp_path / "whole", cache_dir, overrides)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = start(tmp_path / "run", cache_dir, overrides, kill_at=4)  # checkpoints at step 3 (validation), killed at 4
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    resumed = start(tmp_path / "run", cache_dir, [*overrides, "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stderr or "Resuming" in resumed.stdout
+    expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert got.keys() == expected.keys()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_resuming_with_another_config_names_the_keys_and_a_used_folder_needs_resume(tiny_cfg, tmp_path):
+    first = tiny_cfg("trainer.max_steps=3", "logger=wandb")
+    first.paths.output_dir = str(tmp_path / "run")
+    run(first)
+    run_id = (tmp_path / "run" / "kdlab" / "wandb_id").read_text()
+
+    def again(*overrides):
+        cfg = tiny_cfg("trainer.max_steps=3", "logger=wandb", *overrides)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    with pytest.raises(ValueError, match=r"started with another config; differing keys: loss\.divergence\._target_"):
+        run(again("loss=rkl", "resume=auto"))
+    with pytest.raises(FileExistsError, match=r"already holds a run .*continue it with resume=auto"):
+        run(again())
+    run(again("resume=auto"))  # the same config continues (here: already finished) in the same W&B run
+    assert (tmp_path / "run" / "kdlab" / "wandb_id").read_text() == run_id
+    assert len({p.name.split("-")[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}) == 1
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt is not a checkpoint file"):
+        run(again(f"ckpt_path={tmp_path / 'nope.ckpt'}"))
