@@ -6,7 +6,7 @@
 
 A run writes ``<run>/kdlab/config.yaml`` (the resolved config it was started with) and, with W&B,
 ``<run>/kdlab/wandb_id``. ``resume=auto`` continues from ``checkpoints/last.ckpt`` (written at every
-validation and on SIGTERM), restoring the student, optimiser, schedule, step, the data stream
+validation and on SIGTERM or SIGUSR1; under SLURM, Lightning's own requeue checkpoint if newer), restoring the student, optimiser, schedule, step, the data stream
 (the sampler's exact position and DDK's weights), the rollout buffer and the random streams, and
 logs into the same W&B run. A folder started with another config is refused, naming the keys.
 """
@@ -29,6 +29,12 @@ def state_dir(out_dir: Path) -> Path:
 
 def last_checkpoint(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoints" / "last.ckpt"
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    """``last.ckpt``, or the newer checkpoint Lightning's SLURM plugin saved before a requeue (``hpc_ckpt_*.ckpt``)."""
+    found = [p for p in (last_checkpoint(out_dir), *Path(out_dir).glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def _plain(cfg: DictConfig) -> dict:
@@ -63,15 +69,15 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
         raise ValueError(f"resume={resume!r} is unknown; use resume=auto (continue this run folder) or ckpt_path=<file>")
-    last = last_checkpoint(out_dir)
+    last = newest_checkpoint(out_dir)
     if resume is None:
-        if last.is_file():
+        if last is not None:
             raise FileExistsError(
                 f"the run folder {out_dir} already holds a run ({last}); continue it with resume=auto, "
                 "or give the new run another hydra.run.dir"
             )
         return None
-    if not last.is_file():
+    if last is None:
         log.info("resume=auto: %s has no checkpoint yet; starting the run", out_dir)
         return None
     if saved.is_file():

@@ -77,6 +77,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     check_batches(datamodule, cfg.data.batch_size, cfg.trainer.get("accumulate_grad_batches", 1))
     loss = instantiate(cfg.loss)
+    eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
     if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
     teacher = build_model(cfg, "teacher", tokenizer, datamodule)
@@ -85,7 +86,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_causal(model, role, cfg.model[role].get("path", ""))
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
-    eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
     module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, **cfg.module)
 
     logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
@@ -95,6 +95,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     save_config(cfg, out_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    if "SLURM_JOB_ID" not in os.environ:
+        # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
         # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

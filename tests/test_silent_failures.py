@@ -219,12 +219,15 @@ def _start(args, cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_of_a_run_and_of_a_sweep_exits_non_zero_and_says_what_finished(tmp_path, cache_dir):
-    proc = _start([f"hydra.run.dir={tmp_path / 'run'}"], cache_dir, tmp_path)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert "interrupted by SIGTERM at step" in stderr and "nothing was exported" in stderr
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # SIGUSR1: a pre-emption warning, handled alike
+        (tmp_path / "started").unlink(missing_ok=True)
+        proc = _start([f"hydra.run.dir={tmp_path / sig.name}"], cache_dir, tmp_path)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+        assert "interrupted by SIGTERM at step" in stderr and "nothing was exported" in stderr and "resume=auto" in stderr
+        assert not (tmp_path / sig.name / "metrics.json").exists()
+        assert (tmp_path / sig.name / "checkpoints" / "last.ckpt").is_file()  # saved on the way out, for resume=auto
 
     (tmp_path / "started").unlink()
     proc = _start(["-m", "loss=ce,fkl", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cache_dir, tmp_path)

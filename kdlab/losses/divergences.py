@@ -157,6 +157,8 @@ class TokenKD:
             raise ValueError(f"loss.ce_weight must be >= 0, got {ce_weight}")
         if kd_weight < 0:
             raise ValueError(f"loss.kd_weight must be >= 0, got {kd_weight}")
+        # a 1-token dry run: the divergence's own parameter checks (β, α) fire now, before any model is built
+        divergence(torch.zeros(1, 2), torch.zeros(1, 2), temperature=temperature)
         self.divergence = divergence
         self.temperature = temperature
         self.scale = temperature**2 if scale_by_temperature_squared else 1.0

@@ -1,0 +1,48 @@
+"""The README's bad-input table: each user error stops before any model is built, naming cause and fix."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+
+import kdlab.train
+from kdlab.train import run
+from tests.conftest import CONF_DIR
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(kdlab.train, "build_model", refuse)
+
+
+@pytest.mark.parametrize("group", ["model", "loss", "data", "trainer", "logger", "experiment", "launcher", "hparams_search"])
+def test_an_unknown_option_in_any_group_lists_the_valid_ones(group):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(MissingConfigException, match=rf"Could not find '{group}/nope'[\s\S]*Available options"):
+            compose("train", overrides=[f"{group}=nope"])
+
+
+def test_an_unknown_key_says_how_to_add_one():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match=r"Could not override 'loss.nope'[\s\S]*\+loss.nope=1"):
+            compose("train", overrides=["loss.nope=1"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss=jsd", "loss.divergence.beta=1.5"], r"beta must be in \[0, 1\]"),
+        (["loss=skl", "loss.divergence.alpha=1.5"], r"skl alpha must be in \[0, 1\)"),
+        (["loss=fkl", "loss.temperature=-1"], r"loss.temperature must be > 0"),
+        (["loss=rlkd", "loss.k=0"], r"loss.k must be >= 1"),
+        (["loss=minillm", "loss.rollout.teacher_mix=2"], r"invalid rollout setting\(s\) teacher_mix=2"),
+        (["loss=fkl", "+loss.k=3"], r"unexpected keyword argument 'k'"),
+        (["data.batch_size=0"], r"data.batch_size and data.eval_batch_size must be >= 1"),
+        (["eval.temperature=0"], r"eval.temperature must be > 0"),
+    ],
+)
+def test_out_of_range_parameters_stop_before_models(tiny_cfg, no_models, overrides, message):
+    with pytest.raises((InstantiationException, ValueError), match=message):
+        run(tiny_cfg(*overrides))
