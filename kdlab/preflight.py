@@ -46,6 +46,10 @@ def check_trainer(trainer: DictConfig) -> None:
         raise ValueError(
             f"trainer.val_check_interval={interval} is invalid: an int >= 1 (steps between validations) or a float in (0, 1]"
         )
+    strategy = trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower() and (trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("trainer=fsdp needs GPUs (Lightning's FSDP runs on CUDA only); on CPU use trainer=ddp")
     if trainer.get("accumulate_grad_batches", 1) < 1:
         raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be >= 1")
 
@@ -105,18 +109,20 @@ def check_batches(datamodule, batch_size: int, accumulate: int = 1) -> None:
         )
 
 
-def non_finite_parameters(model) -> list[str]:
-    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+def non_finite_parameters(model, state: dict | None = None) -> list[str]:
+    tensors = state.items() if state is not None else model.named_parameters()
+    return [name for name, p in tensors if p.is_floating_point() and not torch.isfinite(p).all()]
 
 
-def check_trained(trainer, model, metrics: dict[str, float] | None = None, what: str = "student") -> None:
-    """After training: the model took optimiser steps, and its weights and final metrics are finite."""
+def check_trained(trainer, model, metrics: dict[str, float] | None = None, what: str = "student", state: dict | None = None) -> None:
+    """After training: the model took optimiser steps, and its weights (``state``: a gathered state
+    dict, for sharded models) and final metrics are finite."""
     if trainer.global_step == 0:
         raise RuntimeError(
             f"the {what} took no optimiser step (no training batch: is data.batch_size larger than the training set?); "
             "nothing is exported or cached"
         )
-    bad = non_finite_parameters(model)
+    bad = non_finite_parameters(model, state)
     if bad:
         raise FloatingPointError(
             f"the {what}'s weights are not finite after training ({len(bad)} tensors, e.g. {bad[0]}): training diverged. "

@@ -115,14 +115,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
     metrics = dict(sorted(metrics.items()))
-    check_trained(trainer, student, metrics)  # an untrained or diverged student is never exported
+    # the student's full weights (gathered from every rank when sharded); a collective call on every rank
+    full = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
-        return metrics  # under DDP, rank 0 alone writes the run's files
+        return metrics  # under DDP and FSDP, rank 0 alone checks and writes the run's files
+    student_state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    check_trained(trainer, student, metrics, state=student_state)  # an untrained or diverged student is never exported
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if datamodule.eos_token_id != tokenizer.eos_token_id:  # e.g. a chat template's end-of-turn token
         student.generation_config.eos_token_id = [datamodule.eos_token_id, tokenizer.eos_token_id]
     student.generation_config.pad_token_id = tokenizer.pad_token_id
-    student.save_pretrained(out_dir / "student")
+    student.save_pretrained(out_dir / "student", state_dict=student_state)
     tokenizer.save_pretrained(out_dir / "student")
     if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
         logger.experiment.summary.update(metrics)

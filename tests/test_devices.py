@@ -27,6 +27,21 @@ def test_trainer_ddp_composes_on_the_default_trainer():
     assert cfg.trainer.use_distributed_sampler is False and cfg.trainer.max_steps == 600  # the rest of the default
 
 
+def test_trainer_fsdp_composes_and_refuses_a_machine_without_gpus(tiny_cfg, monkeypatch):
+    from hydra.utils import instantiate
+
+    import kdlab.train
+
+    cfg = compose_with_hydra("trainer=fsdp")
+    assert cfg.trainer.strategy._target_ == "kdlab.distributed.fsdp_strategy" and cfg.trainer.devices == "auto"
+    if not __import__("torch").cuda.is_available():
+        monkeypatch.setattr(kdlab.train, "build_model", lambda *a, **k: pytest.fail("models built before the FSDP check"))
+        with pytest.raises(ValueError, match="trainer=fsdp needs GPUs"):
+            run(tiny_cfg("trainer=fsdp"))
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "FSDPStrategy"
+
+
 def test_launchers_and_the_optuna_sweeper_compose():
     local = compose_with_hydra("launcher=local")
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 2
