@@ -169,6 +169,17 @@ class DistillModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # a finite loss can still give a non-finite gradient (an overflow in backward): stop before the step
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            bad = [n for n, p in self.student.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+            raise FloatingPointError(
+                f"the gradient is not finite at step {self.global_step} ({len(bad)} tensors, e.g. {bad[0]}): training "
+                "diverged. Lower module.lr or try trainer.precision=32-true; the last checkpoint is the last good "
+                "student, and nothing is exported"
+            )
+
     # -- rollouts (kdlab/rollout.py): losses with ``needs_rollouts`` -------------------------------
     def _rollout_training_step(self, batch: dict) -> Tensor | None:
         """One training step on rollouts of the batch's prompts, or None on a data-batch step.

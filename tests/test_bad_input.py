@@ -41,6 +41,7 @@ def test_an_unknown_key_says_how_to_add_one():
         (["loss=fkl", "+loss.k=3"], r"unexpected keyword argument 'k'"),
         (["data.batch_size=0"], r"data.batch_size and data.eval_batch_size must be >= 1"),
         (["eval.temperature=0"], r"eval.temperature must be > 0"),
+        (["data.splits.n_train=0"], r"the training split is empty"),
     ],
 )
 def test_out_of_range_parameters_stop_before_models(tiny_cfg, no_models, overrides, message):

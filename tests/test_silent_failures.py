@@ -103,6 +103,38 @@ def test_a_nan_loss_stops_the_run_naming_step_and_domains_and_exports_nothing(ti
     assert (out / "checkpoints" / "best.ckpt").is_file()  # the last good student (validated at step 3) is kept
 
 
+class InfGradient(NaNAfter):
+    """A test loss whose value stays finite while, after ``steps`` calls, its gradient is inf."""
+
+    def __call__(self, batch):
+        self.calls += 1
+        logits = batch.student_logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
+        if self.calls > self.steps:
+            loss = loss + _InfGradient.apply(logits)
+        return LossOutput(loss=loss, logs={})
+
+
+class _InfGradient(torch.autograd.Function):
+    """0 in the forward pass, an infinite gradient in the backward pass (an overflow in backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"))
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_step(tiny_cfg):
+    cfg = tiny_cfg("loss=ce", f"loss._target_={__name__}.InfGradient", "+loss.steps=4")
+    with pytest.raises(FloatingPointError, match=r"the gradient is not finite at step 4"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()
+
+
 def test_diverged_weights_are_refused():
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
