@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.losses.chunked import valid_rows
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
@@ -152,7 +153,8 @@ class DistillModule(L.LightningModule):
             domain=batch["domain"],
             num_tokens=self._num_tokens(batch["labels"], batch),
         )
-        return self._log_loss(self.loss(kd_batch), kd_batch.domain)
+        # only labelled positions reach the objective's softmaxes (prompts and padding carry no label)
+        return self._log_loss(self.loss(valid_rows(kd_batch)), batch["domain"])
 
     def _log_loss(self, out, domain: Tensor | None) -> Tensor:
         if not torch.isfinite(out.loss):

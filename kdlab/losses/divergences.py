@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
+from kdlab.losses.chunked import RowwiseLoss, _check_chunk_size
 
 LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
 
@@ -120,18 +121,22 @@ def total_variation(student_logits, teacher_logits, labels=None, *, temperature:
     return _valid(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), labels)
 
 
-class CrossEntropy:
-    """``loss=ce``: the student trained on the labels alone (the SFT baseline); needs no teacher."""
+class CrossEntropy(RowwiseLoss):
+    """``loss=ce``: the student trained on the labels alone (the SFT baseline); needs no teacher.
+    ``chunk_size``: rows per chunk of the vocabulary-wide softmax (kdlab.losses.chunked; null = dense)."""
 
     needs_teacher = False
 
-    def __call__(self, batch: KDBatch) -> LossOutput:
+    def __init__(self, chunk_size: int | None = None):
+        self.chunk_size = _check_chunk_size(chunk_size)
+
+    def dense(self, batch: KDBatch) -> LossOutput:
         per_token = cross_entropy(batch.student_logits, batch.labels)
         loss = masked_mean(per_token, batch.mask, batch.num_tokens)
         return LossOutput(loss=loss, logs={"ce": loss.detach()}, per_token=per_token.detach())
 
 
-class TokenKD:
+class TokenKD(RowwiseLoss):
     """A token-level divergence at temperature τ, optionally mixed with ``ce``.
 
     L = kd_weight · masked_mean(τ^s · D(p_τ, q_τ)) + ce_weight · masked_mean(−log q(y)), where s = 2 when
@@ -139,6 +144,8 @@ class TokenKD:
     across τ that way) and 0 otherwise. ``divergence`` is one of this module's pure functions,
     given by Hydra as a partial carrying its own parameter (β or α). ``kd_weight`` < 1 expresses
     objectives that weight the divergence against CE, e.g. DDK's L = CE + γ·KL (Eq. 3, γ = 0.2).
+    ``chunk_size``: rows per chunk (kdlab.losses.chunked: the same values and gradients without the
+    dense path's (N, V) intermediates; null = dense).
     """
 
     needs_teacher = True
@@ -150,7 +157,9 @@ class TokenKD:
         scale_by_temperature_squared: bool = False,
         ce_weight: float = 0.0,
         kd_weight: float = 1.0,
+        chunk_size: int | None = None,
     ):
+        self.chunk_size = _check_chunk_size(chunk_size)
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if ce_weight < 0:
@@ -165,7 +174,7 @@ class TokenKD:
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
 
-    def __call__(self, batch: KDBatch) -> LossOutput:
+    def dense(self, batch: KDBatch) -> LossOutput:
         if batch.teacher_logits is None:
             raise ValueError("TokenKD needs teacher logits; the module passed none")
         per_token = self.scale * self.divergence(

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from kdlab.agreement import topk_overlap
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
+from kdlab.losses.chunked import RowwiseLoss, _check_chunk_size
 from kdlab.losses.softrank import soft_rank
 
 # ‖centred soft ranks‖ (rank units, float64) at or below this counts as "all values equal": ρ := 0.
@@ -152,7 +153,7 @@ def ranking_loss_per_token(
     return per_token.masked_scatter(mask, (1.0 - rho).to(per_token.dtype))
 
 
-class RankingKD:
+class RankingKD(RowwiseLoss):
     """``loss=rlkd``: RLKD, L = w_rank · L_rank + L_base (METHODS.md §2.5; paper Eq. 1 context).
 
     Args:
@@ -190,7 +191,9 @@ class RankingKD:
         rank_logits: bool = False,
         dedupe_union: bool = True,
         authors_combination: bool = False,
+        chunk_size: int | None = None,
     ):
+        self.chunk_size = _check_chunk_size(chunk_size)
         if isinstance(base, str) and base.lower() == "none":
             base = None
         if isinstance(base, str):
@@ -216,7 +219,13 @@ class RankingKD:
         self.dedupe_union = dedupe_union
         self.authors_combination = authors_combination
 
-    def __call__(self, batch: KDBatch) -> LossOutput:
+    @property
+    def chunkable(self) -> bool:
+        # dynamic weighting averages a weight over the batch, the authors' guard tests the batch's
+        # mean: neither is a token sum, so both run densely
+        return not (self.dynamic_weighting or self.authors_combination)
+
+    def dense(self, batch: KDBatch) -> LossOutput:
         if batch.teacher_logits is None:
             raise ValueError("RankingKD needs teacher logits; the module passed none")
         rank_tok = ranking_loss_per_token(

@@ -1,0 +1,135 @@
+"""Objectives over (N, V) rows computed chunk by chunk, so no (N, V) intermediate outlives its chunk.
+
+A token-level objective is a sum over tokens divided by one count (``masked_mean`` with the
+batch's ``num_tokens``), so it splits exactly over chunks of rows that share that count. The
+dense path keeps every softmax of every row alive for the backward pass (e.g. p, q, m and their
+logs for ``jsd``: up to 11 (N, V) tensors); :class:`_Chunked` instead computes, in its forward
+pass, each chunk's value and its gradient with respect to the chunk's student logits, and keeps
+only that gradient: one (N, V) tensor besides the logits themselves. The backward pass scales it
+by the incoming gradient. Values and gradients equal the dense path's (float64 tests).
+
+Used by :class:`RowwiseLoss`, the base of every token-level objective (``loss.chunk_size``: auto,
+the default, or rows per chunk; null or 0 = dense).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from kdlab.losses.base import KDBatch, LossOutput
+
+
+class RowwiseLoss:
+    """An objective that is a token sum over one count: computed densely or over chunks of rows.
+
+    Subclasses implement ``dense(batch) -> LossOutput``; ``__call__`` chunks the batch's rows
+    when ``chunk_size`` is set and the batch has more rows than that. Their ``logs`` must be
+    token sums over ``num_tokens`` too (they are summed over chunks); ``chunkable`` is False for
+    a setting that is not (e.g. a weight averaged over the batch), which then runs densely.
+    """
+
+    chunk_size: int | str | None = None
+
+    @property
+    def chunkable(self) -> bool:
+        return True
+
+    def dense(self, batch: KDBatch) -> LossOutput:
+        raise NotImplementedError
+
+    def rows_per_chunk(self, vocab: int) -> int | None:
+        """``chunk_size`` rows, or with ``auto`` as many rows as make AUTO_CHUNK_ELEMENTS logits."""
+        if self.chunk_size == "auto":
+            return max(1, AUTO_CHUNK_ELEMENTS // vocab)
+        return self.chunk_size
+
+    def __call__(self, batch: KDBatch) -> LossOutput:
+        rows = batch.labels.numel()
+        chunk = self.rows_per_chunk(batch.student_logits.shape[-1])
+        if not chunk or rows <= chunk or not self.chunkable or not torch.is_grad_enabled():
+            return self.dense(batch)
+        return chunked(self.dense, batch, chunk)
+
+
+# ``chunk_size: auto``: chunks of 2^23 logits (32 MiB in float32; 55 rows at V = 151,936, 262 at
+# V = 32,000), large enough to keep the kernels efficient, small enough that a chunk's softmaxes
+# stay a small fraction of an (N, V) tensor at real batch sizes. A batch that fits in one chunk (the
+# built-in suite's 45-token vocabulary) runs densely, with no overhead.
+AUTO_CHUNK_ELEMENTS = 2**23
+
+
+def _check_chunk_size(chunk_size: int | str | None) -> int | str | None:
+    if chunk_size == "auto":
+        return chunk_size
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 0):
+        raise ValueError(f"loss.chunk_size must be auto, rows per chunk (>= 1) or 0/null (dense), got {chunk_size!r}")
+    return chunk_size or None
+
+
+def chunked(dense: Callable[[KDBatch], LossOutput], batch: KDBatch, chunk_size: int) -> LossOutput:
+    """``dense(batch)``'s value and gradient, computed over chunks of ``chunk_size`` rows."""
+    v = batch.student_logits.shape[-1]
+    student = batch.student_logits.reshape(-1, v)
+    teacher = batch.teacher_logits.reshape(-1, v) if batch.teacher_logits is not None else None
+    labels = batch.labels.reshape(-1)
+    num_tokens = batch.num_tokens if batch.num_tokens is not None else batch.mask.sum()
+    sink: dict = {}
+    loss = _Chunked.apply(student, dense, teacher, labels, num_tokens, chunk_size, sink)
+    return LossOutput(loss=loss, logs=sink["logs"], per_token=sink["per_token"].view(batch.labels.shape) if sink["per_token"] is not None else None)
+
+
+class _Chunked(torch.autograd.Function):
+    """Forward: Σ_chunks dense(chunk) and d/d student_logits, chunk by chunk. Backward: that gradient × grad_output."""
+
+    @staticmethod
+    def forward(ctx, student, dense, teacher, labels, num_tokens, chunk_size, sink):
+        grad = torch.empty_like(student)
+        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
+        logs: dict[str, Tensor] = {}
+        per_token = []
+        for start in range(0, student.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            with torch.enable_grad():
+                s = student[rows].detach().requires_grad_(True)
+                part = KDBatch(
+                    student_logits=s.unsqueeze(0),
+                    teacher_logits=teacher[rows].unsqueeze(0) if teacher is not None else None,
+                    labels=labels[rows].unsqueeze(0),
+                    num_tokens=num_tokens,
+                )
+                out = dense(part)
+                (g,) = torch.autograd.grad(out.loss, s, allow_unused=True)
+            grad[rows] = 0 if g is None else g  # an all-masked chunk has no gradient
+            total += out.loss.detach()
+            for key, value in out.logs.items():
+                logs[key] = logs.get(key, 0) + value.detach()
+            per_token.append(out.per_token.reshape(-1) if out.per_token is not None else None)
+        sink["logs"] = logs
+        sink["per_token"] = torch.cat(per_token) if all(p is not None for p in per_token) else None
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
+
+
+def valid_rows(batch: KDBatch) -> KDBatch:
+    """The batch reduced to its labelled positions, as one row of N tokens: (1, N, V) logits.
+
+    Prompt and padding positions carry no label and never reach a softmax over the vocabulary.
+    ``num_tokens`` (the step's normaliser) is kept; ``domain`` (per sequence) no longer applies.
+    """
+    keep = batch.mask
+    return replace(
+        batch,
+        student_logits=batch.student_logits[keep].unsqueeze(0),
+        teacher_logits=batch.teacher_logits[keep].unsqueeze(0) if batch.teacher_logits is not None else None,
+        labels=batch.labels[keep].unsqueeze(0),
+        domain=None,
+    )
