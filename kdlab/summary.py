@@ -24,6 +24,7 @@ DEFAULT_COLUMNS = (
     "test/grammar/true_kl",
     "test/grammar/valid_fraction",
     "test/top5_consistency",
+    "train/tokens_per_sec",
 )
 
 

@@ -25,8 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdlab.callbacks.throughput import Throughput
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_run, check_trained
@@ -65,10 +66,41 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
 
 
+def final_metrics(trainer, module, datamodule, train_only: bool) -> dict[str, float]:
+    """The run's final metrics: val and test of the best student by val/loss (the exported one), the
+    training throughput, and, for a training-only run, the last training loss instead of val/test."""
+    metrics = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, Throughput):
+            metrics.update(callback.summary())
+    if train_only:
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k not in metrics})
+        return dict(sorted(metrics.items()))
+    best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
+    for evaluate in (trainer.validate, trainer.test):
+        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
+    return dict(sorted(metrics.items()))
+
+
+def training_only(cfg: DictConfig) -> DictConfig:
+    """``train_only=true``: no validation, test, generation or checkpoint; only training and its throughput."""
+    if "ddk" in (cfg.get("callbacks") or {}):
+        raise ValueError("train_only=true has no validation, and DDK reweights domains at each validation; drop data/mixing=ddk")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.trainer.limit_val_batches = 0
+        cfg.trainer.enable_checkpointing = False
+        cfg.callbacks = {k: v for k, v in (cfg.get("callbacks") or {}).items() if k not in ("model_checkpoint",)}
+    return cfg
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """One distillation run; returns its final metrics (also written to ``metrics.json``)."""
     # Everything a user can get wrong is checked before a model is built or trained.
     check_run(cfg)
+    if cfg.get("train_only"):
+        cfg = training_only(cfg)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = checkpoint_to_resume(cfg, out_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -108,13 +140,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; saved {last}: continue with "
             "resume=auto (same hydra.run.dir); nothing was exported (no metrics.json, no student/)"
         ) from None
-    # The exported student is the best one by val/loss; its val and test metrics are the final ones.
-    best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
-    metrics = {}
-    for evaluate in (trainer.validate, trainer.test):
-        evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
-    metrics = dict(sorted(metrics.items()))
+    metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
     # the student's full weights (gathered from every rank when sharded); a collective call on every rank
     full = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
