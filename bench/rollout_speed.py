@@ -7,6 +7,9 @@ default teacher/student pair (untrained: the speed does not depend on the weight
 paths interleaved so that machine noise hits both alike. Both paths draw the same tokens from the
 same seed (tests/test_rollout.py checks it), so they sample the same number of tokens. Rows:
 MiniLLM's teacher-mixed sampling (both models step, α = 0.2) and the student alone (on-policy KD).
+A second table: on-policy KD's rollout (α = 0, the teacher's log-probs needed) with the teacher
+stepping beside the student at every token vs the student alone and one teacher forward pass on
+the finished sequences (kdlab's path), same tokens drawn.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def main() -> None:
     student.eval()
     lengths = args.max_new_tokens or [int(batch["labels"].ne(-100).sum(-1).max()), 32]
 
-    def sampler(with_teacher: bool, mix: float, new_tokens: int, cache: bool):
+    def sampler(with_teacher: bool, mix: float, new_tokens: int, cache: bool, step_teacher=None):
         def go():
             return sample(
                 student,
@@ -47,6 +50,7 @@ def main() -> None:
                 teacher_mix=mix,
                 use_cache=cache,
                 generator=torch.Generator(args.device).manual_seed(0),
+                step_teacher=step_teacher,
             )
 
         return go
@@ -61,6 +65,15 @@ def main() -> None:
             tokens = int(a.lengths.sum())
             t = interleaved_medians({"cached": fns[True], "plain": fns[False]}, args.device, args.repeats, warmup=1)
             print(f"{name:<34} {n:>4} {tokens:>7} {tokens / t['cached']:>13.0f} {tokens / t['plain']:>15.0f} {t['plain'] / t['cached']:>8.2f}x")
+
+    print(f"\n{'on-policy rollout with teacher log-probs':<42} {'new':>4} {'tok/s stepping':>15} {'tok/s scored':>13} {'speed-up':>9}")
+    for n in lengths:
+        fns = {"stepping": sampler(True, 0.0, n, True, step_teacher=True), "scored": sampler(True, 0.0, n, True)}
+        a, b = fns["stepping"](), fns["scored"]()
+        assert torch.equal(a.sequences, b.sequences), "the two paths drew different tokens"
+        tokens = int(a.lengths.sum())
+        t = interleaved_medians(fns, args.device, args.repeats, warmup=1)
+        print(f"{'student alone, teacher stepping vs scored':<42} {n:>4} {tokens / t['stepping']:>15.0f} {tokens / t['scored']:>13.0f} {t['stepping'] / t['scored']:>8.2f}x")
 
 
 if __name__ == "__main__":

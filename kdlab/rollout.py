@@ -193,6 +193,7 @@ def sample(
     vocab_size: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    step_teacher: bool | None = None,
 ) -> Rollout:
     """Sample continuations of left-padded prompts, token by token, until <eos> or ``max_new_tokens``.
 
@@ -200,6 +201,11 @@ def sample(
     ``teacher`` may be None for pure student sampling; then ``logp_teacher`` is None. Rows that
     have emitted <eos> receive ``pad_token_id`` and are masked. The models are used as they are
     (the caller chooses train/eval mode). ``vocab_size`` truncates both models' logits.
+
+    The teacher steps beside the student only when it takes part in sampling (``teacher_mix > 0``,
+    MiniLLM); otherwise the student samples alone at generation speed and the finished sequences
+    are scored by one teacher forward pass (the same ``logp_teacher``). ``step_teacher=True``
+    forces the stepping path (the benchmark's reference).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -215,7 +221,8 @@ def sample(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     ids = prompt_ids
     student_step = _Stepper(student, vocab_size, use_cache)
-    teacher_step = _Stepper(teacher, vocab_size, use_cache) if teacher is not None else None
+    stepping = teacher is not None and (teacher_mix > 0 if step_teacher is None else step_teacher)
+    teacher_step = _Stepper(teacher, vocab_size, use_cache) if stepping else None
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, valid, lp_sample, lp_student, lp_teacher = [], [], [], [], []
     new = prompt_width
@@ -258,14 +265,33 @@ def sample(
         out.scatter_(1, cols, torch.where(valid, per_step, torch.full_like(per_step, fill)))
         return out[:, :width]
 
+    response_mask = aligned(valid, False)
+    sequences, attention_mask = sequences[:, :width], attention_mask[:, :width]
+    if lp_teacher:
+        logp_teacher = aligned(torch.stack(lp_teacher, 1), 0.0)
+    elif teacher is not None:  # the student sampled alone: one teacher forward scores its tokens
+        logp_teacher = _score(teacher, sequences, attention_mask, response_mask, vocab_size)
+    else:
+        logp_teacher = None
     return Rollout(
-        sequences=sequences[:, :width],
-        attention_mask=attention_mask[:, :width],
-        response_mask=aligned(valid, False),
+        sequences=sequences,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
         logp_sample=aligned(torch.stack(lp_sample, 1), 0.0),
         logp_student=aligned(torch.stack(lp_student, 1), 0.0),
-        logp_teacher=aligned(torch.stack(lp_teacher, 1), 0.0) if lp_teacher else None,
+        logp_teacher=logp_teacher,
     )
+
+
+def _score(model, sequences: Tensor, attention_mask: Tensor, response_mask: Tensor, vocab_size: int | None) -> Tensor:
+    """log p(token t+1 | tokens ≤ t) at the response positions (aligned like a batch's labels), 0 elsewhere."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask).logits
+    logits = logits if vocab_size is None else logits[..., :vocab_size]
+    out = torch.zeros(sequences.shape, dtype=torch.float32, device=sequences.device)
+    rows, cols = response_mask.nonzero(as_tuple=True)
+    picked = logits[rows, cols].float().log_softmax(-1).gather(-1, sequences[rows, cols + 1][:, None]).squeeze(-1)
+    out[rows, cols] = picked
+    return out
 
 
 # -- the outer loop ------------------------------------------------------------------------------

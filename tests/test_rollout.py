@@ -123,6 +123,21 @@ def test_recorded_log_probs_equal_a_teacher_forced_forward(pair, tok):
     assert ((r.labels != IGNORE_INDEX) == r.response_mask).all()
 
 
+def test_student_alone_sampling_scores_the_teacher_in_one_forward_as_stepping_would(pair, tok, monkeypatch):
+    """α = 0: the teacher takes no part in sampling, so it no longer steps beside the student; one
+    forward pass on the finished sequences gives the log-probs the stepping path recorded."""
+    ids, mask = left_padded(PROMPTS, 7)
+    stepped = run(pair, tok, ids, mask, teacher_mix=0.0, step_teacher=True)
+    calls = []
+    teacher = pair[1]
+    original = type(teacher).forward
+    monkeypatch.setattr(type(teacher), "forward", lambda self, *a, **k: calls.append(self is teacher) or original(self, *a, **k))
+    scored = run(pair, tok, ids, mask, teacher_mix=0.0)
+    assert sum(calls) == 1  # one teacher forward for the whole rollout (the student is another instance)
+    assert torch.equal(scored.sequences, stepped.sequences) and torch.equal(scored.logp_student, stepped.logp_student)
+    assert torch.allclose(scored.logp_teacher, stepped.logp_teacher, atol=1e-5)
+
+
 def test_kv_cache_path_equals_no_cache_path(pair, tok):
     ids, mask = left_padded(PROMPTS, 7)
     cached = run(pair, tok, ids, mask, use_cache=True, temperature=0.8, top_k=20)
