@@ -141,24 +141,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "resume=auto (same hydra.run.dir); nothing was exported (no metrics.json, no student/)"
         ) from None
     metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
+    export(trainer, student, tokenizer, datamodule.eos_token_id, metrics, out_dir)
+    if logger and trainer.is_global_zero:
+        if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
+            logger.experiment.summary.update(metrics)
+        logger.finalize("success")
+    return metrics
+
+
+def export(trainer, student, tokenizer, eos_token_id: int, metrics: dict[str, float], out_dir: Path) -> None:
+    """``metrics.json`` and ``student/`` (save_pretrained, with the tokenizer), written by rank 0,
+    after checking that the student trained and is finite."""
     # the student's full weights (gathered from every rank when sharded); a collective call on every rank
     full = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
-        return metrics  # under DDP and FSDP, rank 0 alone checks and writes the run's files
-    student_state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
-    check_trained(trainer, student, metrics, state=student_state)  # an untrained or diverged student is never exported
+        return  # under DDP and FSDP, rank 0 alone checks and writes the run's files
+    state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
+    check_trained(trainer, student, metrics, state=state)  # an untrained or diverged student is never exported
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if datamodule.eos_token_id != tokenizer.eos_token_id:  # e.g. a chat template's end-of-turn token
-        student.generation_config.eos_token_id = [datamodule.eos_token_id, tokenizer.eos_token_id]
+    if eos_token_id != tokenizer.eos_token_id:  # e.g. a chat template's end-of-turn token
+        student.generation_config.eos_token_id = [eos_token_id, tokenizer.eos_token_id]
     student.generation_config.pad_token_id = tokenizer.pad_token_id
-    student.save_pretrained(out_dir / "student", state_dict=student_state)
+    student.save_pretrained(out_dir / "student", state_dict=state)
     tokenizer.save_pretrained(out_dir / "student")
-    if logger and hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
-        logger.experiment.summary.update(metrics)
-    if logger:
-        logger.finalize("success")
     log.info("metrics: %s; student exported to %s", out_dir / "metrics.json", out_dir / "student")
-    return metrics
 
 
 class RunInterrupted(RuntimeError):
@@ -174,6 +180,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
     except RunInterrupted as err:
+        _finish_wandb(cfg)
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN:
             done = finished_jobs(Path(hydra_cfg.sweep.dir))
@@ -183,6 +190,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(128 + signal.SIGTERM)  # non-zero, as a shell reports a process killed by SIGTERM
     except Exception as err:
         log.exception("the run failed")  # into the job's own log (train.log in its folder), not only stderr
+        _finish_wandb(cfg, exit_code=1)  # the next job of a sweep must not log into this W&B run
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         # In a sweep the other jobs still run; this one is listed as failed, with its error, in
@@ -190,11 +198,15 @@ def main(cfg: DictConfig) -> float | None:
         with contextlib.suppress(OSError):  # the failure may be that the folder is not writable
             (Path(cfg.paths.output_dir) / FAILED).write_text(f"{type(err).__name__}: {err}")
         return float("nan") if cfg.get("optimized_metric") else None
+    _finish_wandb(cfg)  # one W&B run per sweep job
+    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+
+
+def _finish_wandb(cfg: DictConfig, exit_code: int = 0) -> None:
     if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():
         import wandb
 
-        wandb.finish()  # one W&B run per sweep job
-    return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        wandb.finish(exit_code=exit_code)
 
 
 if __name__ == "__main__":
