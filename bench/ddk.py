@@ -3,7 +3,7 @@
     KDLAB_CACHE=/tmp/kdcache-real python -m bench.ddk [--seeds 0 1 2] [--steps 400] [--val-every 50] [OVERRIDE ...]
     python -m bench.ddk callbacks.model_checkpoint.monitor=null   # test the final students, not the best by val/loss
 
-Every run is `experiment=ddk` (loss CE + 0.2·KL, METHODS.md §4) on the default teacher/student
+Every run is `experiment=ddk` (loss CE + 0.2·KL, docs/methods.md §4) on the default teacher/student
 pair with the same budget (steps, batch size, validations); only the mixture differs:
 ``data/mixing=uniform``, ``ddk_no_smoothing`` (Eq. 1 at every update) or ``ddk`` (Eq. 1, then
 Eq. 2 with α = 0.5). ``--val-every`` plays the paper's K. The default teacher is trained and

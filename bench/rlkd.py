@@ -5,7 +5,7 @@
 1. Step cost, side by side in one process on the default pair: a KD training step with forward
    KL against one with forward KL + the ranking term (k = 5), as DistillModule runs them
    (goal: the ranking term adds at most 25%).
-2. The paper's comparison (METHODS.md §2): KL vs KL+R and TVD vs TVD+R (k = 5, w_rank = 2), the
+2. The paper's comparison (docs/methods.md §2): KL vs KL+R and TVD vs TVD+R (k = 5, w_rank = 2), the
    same budget for every run, over seeds, from the default (cached) teacher and warm-started
    student. Prints mean ± std of the test top-5 consistency rate, top-20 overlap and exact match.
 """

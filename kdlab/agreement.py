@@ -1,4 +1,4 @@
-"""Teacher–student agreement metrics, logged for every run (METHODS.md §2, last paragraph).
+"""Teacher–student agreement metrics, logged for every run (docs/methods.md §2, last paragraph).
 
 RLKD (Peng & Zhang, COLING 2025, arXiv 2409.12545) measures how well a student reproduces the
 teacher's ranking of its peak tokens with two numbers, both computed here per position:

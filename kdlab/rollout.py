@@ -11,7 +11,7 @@ token t+1) — so the loss's forward pass needs no position ids and reproduces t
 log-probabilities exactly. ``use_cache=False`` recomputes every step from scratch (the benchmark's
 reference, ``python -m bench.rollout_speed``).
 
-:class:`RolloutBuffer` is the outer loop of MiniLLM (METHODS.md §3.6): rollouts of one data
+:class:`RolloutBuffer` is the outer loop of MiniLLM (docs/methods.md §3.6): rollouts of one data
 batch's prompts, served as mini-batches for several optimisation epochs, then refreshed.
 """
 

@@ -3,7 +3,7 @@
     python tests/ddk_ddp_run.py OUT_DIR CACHE_DIR
 
 Run as a script of its own, never inside pytest: Lightning's DDP launcher re-runs this command
-line as rank 1 (STACK.md). Each rank writes OUT_DIR/rank<r>.json: per training batch the step,
+line as rank 1 . Each rank writes OUT_DIR/rank<r>.json: per training batch the step,
 the example indices and the sampler's weights, and the weights after every DDK update.
 """
 

@@ -1,4 +1,4 @@
-"""DDK (METHODS.md §4): Eq. 1 and Eq. 2 by hand, the reweighting callback, its configs, DDP."""
+"""DDK (docs/methods.md §4): Eq. 1 and Eq. 2 by hand, the reweighting callback, its configs, DDP."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Token-level objectives (METHODS.md section 1) against float64 brute force on a tiny vocabulary."""
+"""Token-level objectives (docs/methods.md §1) against float64 brute force on a tiny vocabulary."""
 
 import math
 
@@ -35,7 +35,7 @@ def mix(a, b, w):
 
 
 def brute(name, zs, zt, tau=1.0, beta=0.5, alpha=0.1):
-    """The METHODS.md formulas written out with Python floats, one position at a time."""
+    """The docs/methods.md formulas written out with Python floats, one position at a time."""
     q, p = softmax_list(zs, tau), softmax_list(zt, tau)
     if name == "fkl":
         return kl_list(p, q)

@@ -1,4 +1,4 @@
-"""MiniLLM (METHODS.md §3): rewards, returns, importance weights and the clipped surrogate by hand;
+"""MiniLLM (docs/methods.md §3): rewards, returns, importance weights and the clipped surrogate by hand;
 the estimator's gradient against the exact gradient of the sequence-level reverse KL; tiny runs."""
 
 import contextlib
@@ -228,7 +228,7 @@ def z_scores(estimates, exact):
 
 
 def test_estimator_gradient_matches_the_exact_reverse_kl_gradient(exact_gradient, single_step_estimates):
-    """Single-step on, clipping and length normalisation off, α = 0 (METHODS.md §3.1, paper Eq. 3),
+    """Single-step on, clipping and length normalisation off, α = 0 (docs/methods.md §3.1, paper Eq. 3),
     reduced per sequence: the mean of the estimates must be the exact ∇KL[q_θ‖p] of the whole
     sequences (all 40 enumerated).
 

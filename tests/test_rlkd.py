@@ -1,4 +1,4 @@
-"""RLKD (METHODS.md §2) against independent float64 references and hand computations."""
+"""RLKD (docs/methods.md §2) against independent float64 references and hand computations."""
 
 import numpy as np
 import pytest

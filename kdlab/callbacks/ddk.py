@@ -1,7 +1,7 @@
 """DDK: the training mixture follows where the student lags the teacher most.
 
 Distilling LLMs' Knowledge via Domain-Discrepancy-Aware Distillation (DDK), Liu et al.,
-NeurIPS 2024, arXiv 2407.16154; kdlab's specification is METHODS.md section 4.
+NeurIPS 2024, arXiv 2407.16154; kdlab's specification is docs/methods.md §4.
 
 At every validation during fitting, :class:`DDKReweighting` reads each domain's validation
 perplexity of the student (ℓ_S, logged by the module as ``val/<domain>/ppl``) and of the frozen
@@ -61,7 +61,7 @@ def smooth_update(
 
 
 class DDKReweighting(Callback):
-    """Sets the DataModule sampler's domain weights from the teacher–student gap (DDK, METHODS.md §4).
+    """Sets the DataModule sampler's domain weights from the teacher–student gap (DDK, docs/methods.md §4).
 
     The first validation of a fit computes r with Eq. 1; each later one applies Eq. 2 with
     ``alpha`` to the previous r (``smoothing=False``, the paper's ablation: Eq. 1 recomputed

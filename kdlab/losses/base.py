@@ -1,4 +1,4 @@
-"""The loss interface every kdlab objective implements (DESIGN.md, "The loss interface").
+"""The loss interface every kdlab objective implements (the README's "Adding a loss").
 
 A loss is a plain callable built by Hydra from ``conf/loss/<name>.yaml``. The module hands it
 one :class:`KDBatch` and logs what comes back in :class:`LossOutput`; a loss never logs itself.
@@ -42,7 +42,7 @@ class LossOutput:
 
 
 def masked_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | None = None) -> Tensor:
-    """The one masked reduction of kdlab (METHODS.md section 1).
+    """The one masked reduction of kdlab (docs/methods.md §1).
 
     Sum of ``values`` over valid tokens divided by the number of valid tokens (or by
     ``num_tokens`` when a global count is given). Masked positions are selected out with

@@ -1,4 +1,4 @@
-"""Token-level objectives (METHODS.md section 1) as pure functions and one Hydra-built callable.
+"""Token-level objectives (docs/methods.md §1) as pure functions and one Hydra-built callable.
 
 Every pure function maps ``(student_logits, teacher_logits, labels, *, temperature, <param>)``
 to per-token values of shape (B, T), zero where ``labels == IGNORE_INDEX`` (``labels=None``
@@ -67,13 +67,13 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def forward_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
-    """``fkl``: KL(p‖q) = Σ_v p log(p/q) — Hinton et al. 2015 KD (METHODS.md §1)."""
+    """``fkl``: KL(p‖q) = Σ_v p log(p/q) — Hinton et al. 2015 KD (docs/methods.md §1)."""
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
     return _valid(_kl(log_p, log_q), labels)
 
 
 def reverse_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
-    """``rkl``: KL(q‖p) = Σ_v q log(q/p) (METHODS.md §1)."""
+    """``rkl``: KL(q‖p) = Σ_v q log(q/p) (docs/methods.md §1)."""
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
     return _valid(_kl(log_q, log_p), labels)
 
@@ -82,7 +82,7 @@ def generalized_jsd(student_logits, teacher_logits, labels=None, *, temperature:
     """``jsd``: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q — GKD (Agarwal et al. 2024, Eq. for JSD(β)).
 
     β = 0.5 is the Jensen–Shannon divergence. As in TRL's ``generalized_jsd_loss`` (the
-    reference named in METHODS.md), the end points return the divergences the family tends to
+    reference named in docs/methods.md), the end points return the divergences the family tends to
     after dividing by its vanishing weight: β = 0 gives forward KL(p‖q), β = 1 reverse KL(q‖p)
     (JSD(β)/β → KL(p‖q) as β → 0).
     """
@@ -116,7 +116,7 @@ def skew_reverse_kl(student_logits, teacher_logits, labels=None, *, temperature:
 
 
 def total_variation(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
-    """``tvd``: ½ Σ_v abs(p − q) (METHODS.md §1)."""
+    """``tvd``: ½ Σ_v abs(p − q) (docs/methods.md §1)."""
     log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
     return _valid(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), labels)
 

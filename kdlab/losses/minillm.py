@@ -1,5 +1,5 @@
 """MiniLLM — sequence-level reverse KL by policy gradient (Gu et al., ICLR 2024, arXiv 2306.08543),
-as specified in METHODS.md §3 (parts 1–6 are cited below as §3.1 … §3.6).
+as specified in docs/methods.md §3 (parts 1–6 are cited below as §3.1 … §3.6).
 
 Objective: min_θ KL[q_θ(y|x) ‖ p(y|x)], y ~ q_θ. With r_t = log p(y_t|y<t,x) − log q_θ(y_t|y<t,x)
 and R_t = Σ_{t'≥t} r_t', its gradient is ∇L = −E Σ_t (R_t − 1) ∇log q_θ(y_t|y<t,x) (paper Eq. 2).

@@ -1,5 +1,5 @@
 """RLKD — Ranking Loss based Knowledge Distillation (Peng & Zhang, COLING 2025, arXiv 2409.12545),
-exactly as specified in METHODS.md §2 (steps 1–6 are cited below as §2.1 … §2.6).
+exactly as specified in docs/methods.md §2 (steps 1–6 are cited below as §2.1 … §2.6).
 
 Per valid position t:
 
@@ -137,7 +137,7 @@ def ranking_loss_per_token(
     rank_logits: bool = False,
     dedupe_union: bool = True,
 ) -> Tensor:
-    """Per-token 1 − ρ_t (METHODS.md §2.1–2.4) of shape (B, T), 0 where labels == IGNORE_INDEX.
+    """Per-token 1 − ρ_t (docs/methods.md §2.1–2.4) of shape (B, T), 0 where labels == IGNORE_INDEX.
 
     ``dedupe_union=False`` is the authors' concatenation: 2k entries with duplicates kept (a token
     in both top-k lists appears twice, tied). The soft ranks are computed at valid positions only.
@@ -154,7 +154,7 @@ def ranking_loss_per_token(
 
 
 class RankingKD(RowwiseLoss):
-    """``loss=rlkd``: RLKD, L = w_rank · L_rank + L_base (METHODS.md §2.5; paper Eq. 1 context).
+    """``loss=rlkd``: RLKD, L = w_rank · L_rank + L_base (docs/methods.md §2.5; paper Eq. 1 context).
 
     Args:
         base: the base objective — a loss name built with :func:`kdlab.losses.divergences.load_loss`

@@ -1,6 +1,6 @@
 """Differentiable soft rank in pure PyTorch (Blondel et al. 2020, "Fast Differentiable Sorting and
 Ranking", ICML), l2 regularisation — the semantics of
-``torchsort.soft_rank(x, regularization="l2", regularization_strength=eps)`` (METHODS.md §2, step 2).
+``torchsort.soft_rank(x, regularization="l2", regularization_strength=eps)`` (docs/methods.md §2, step 2).
 
 Ranks are ascending and 1-based: as eps → 0 the largest value gets rank n and the smallest rank 1;
 as eps → ∞ every rank tends to the mean (n+1)/2.
