@@ -30,7 +30,7 @@ class Throughput(L.Callback):
         if self._start is None:
             self._sync(trainer)
             self._start = time.perf_counter()
-        self._step_tokens += float(batch["attention_mask"].sum())
+        self._step_tokens = self._step_tokens + batch["attention_mask"].sum()  # a tensor: no device sync here
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -38,7 +38,7 @@ class Throughput(L.Callback):
         self._sync(trainer)
         now = time.perf_counter()
         seconds, self._start = now - self._start, now
-        tokens = float(trainer.strategy.reduce(torch.tensor(self._step_tokens, device=pl_module.device), reduce_op="sum"))
+        tokens = float(trainer.strategy.reduce(torch.as_tensor(self._step_tokens, device=pl_module.device).float(), reduce_op="sum"))
         self._step_tokens = 0.0
         self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
         window = self._window

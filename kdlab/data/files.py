@@ -292,10 +292,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str, num_proc: int | None = None):
-    """Every source's records, tokenised (cached by ``datasets``), with their counts per status."""
+def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str, num_proc: int | None = None, tok_hash: str | None = None):
+    """Every source's records, tokenised (cached by ``datasets``), with their counts per status.
+    ``tok_hash``: the tokenizer's fingerprint, if the caller has it already (it serialises the whole tokenizer)."""
     records, counts, end_tokens = [], Counter(), Counter()
-    tok_hash = tokenizer_fingerprint(tokenizer)
+    tok_hash = tok_hash or tokenizer_fingerprint(tokenizer)
     for source in sources:
         table = read(source)
         fmt = detect_format(table.column_names, source, encoding)
@@ -406,9 +407,10 @@ class FilesDataModule(KDDataModule):
         # every path is checked before any file is tokenised
         sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
         splits, end_tokens = {}, Counter()
+        tok_hash = tokenizer_fingerprint(tokenizer)
         for name in ("train", "val", "test"):
             if sources[name]:
-                splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc)
+                splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash)
                 end_tokens.update(ends)
                 if packing:
                     splits[name] = pack(splits[name], max_length)
@@ -420,7 +422,7 @@ class FilesDataModule(KDDataModule):
         plain = None
         if sources["pretrain"]:
             text = Encoding(max_length, "text", fields, chat_template, domain_field, "pretrain")
-            plain = pack(load_records(sources["pretrain"], tokenizer, text, "pretrain", num_proc)[0], max_length)
+            plain = pack(load_records(sources["pretrain"], tokenizer, text, "pretrain", num_proc, tok_hash)[0], max_length)
         self._check_every_domain_evaluated(splits, sources)
         eos = end_tokens.most_common(1)[0][0] if end_tokens else None  # the chat template's end-of-turn token
         super().__init__(splits, tokenizer, max_length=max_length, seed=seed, pretrain=plain, eos_token_id=eos, **kwargs)

@@ -62,7 +62,7 @@ class RowwiseLoss:
 AUTO_CHUNK_ELEMENTS = 2**23
 
 
-def _check_chunk_size(chunk_size: int | str | None) -> int | str | None:
+def check_chunk_size(chunk_size: int | str | None) -> int | str | None:
     if chunk_size == "auto":
         return chunk_size
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 0):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, _check_chunk_size
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
 
 LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
 
@@ -128,7 +128,7 @@ class CrossEntropy(RowwiseLoss):
     needs_teacher = False
 
     def __init__(self, chunk_size: int | None = None):
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
 
     def dense(self, batch: KDBatch) -> LossOutput:
         per_token = cross_entropy(batch.student_logits, batch.labels)
@@ -159,7 +159,7 @@ class TokenKD(RowwiseLoss):
         kd_weight: float = 1.0,
         chunk_size: int | None = None,
     ):
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if ce_weight < 0:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdlab.agreement import topk_overlap
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, _check_chunk_size
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
 from kdlab.losses.softrank import soft_rank
 
 # ‖centred soft ranks‖ (rank units, float64) at or below this counts as "all values equal": ρ := 0.
@@ -193,7 +193,7 @@ class RankingKD(RowwiseLoss):
         authors_combination: bool = False,
         chunk_size: int | None = None,
     ):
-        self.chunk_size = _check_chunk_size(chunk_size)
+        self.chunk_size = check_chunk_size(chunk_size)
         if isinstance(base, str) and base.lower() == "none":
             base = None
         if isinstance(base, str):
