@@ -255,12 +255,13 @@ def sample(
     sequences = _left_align(torch.cat([prompt_ids, new_ids], 1), shift, pad_token_id)
     attention_mask = _left_align(torch.cat([prompt_mask.long(), valid.long()], 1), shift, 0)
     width = int(attention_mask.sum(-1).max())
+    full_width = sequences.shape[1]  # before the trim below: steps after a row's <eos> land beyond `width`
 
     def aligned(per_step: Tensor | None, fill) -> Tensor | None:
         """(B, N) per sampled token → (B, width) at the logit position that predicts it."""
         if per_step is None:
             return None
-        out = torch.full((batch, sequences.shape[1]), fill, dtype=per_step.dtype, device=device)
+        out = torch.full((batch, full_width), fill, dtype=per_step.dtype, device=device)
         cols = prompt_len[:, None] - 1 + torch.arange(per_step.shape[1], device=device)
         out.scatter_(1, cols, torch.where(valid, per_step, torch.full_like(per_step, fill)))
         return out[:, :width]

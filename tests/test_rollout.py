@@ -223,3 +223,23 @@ def test_settings_are_checked():
     with pytest.raises(ValueError, match=r"teacher_mix=1.5.*top_k=-1"):
         RolloutSettings(teacher_mix=1.5, top_k=-1)
     assert math.isclose(RolloutSettings().fraction, 1.0)
+
+
+def test_longest_prompt_finishing_first_keeps_every_row_aligned():
+    """The row with the longest prompt emits <eos> at once while a short one runs to the limit:
+    the trimmed width is then shorter than the sampled steps (a regression: an index error)."""
+
+    class Toy(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False, **_):
+            history = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], 1)
+            logits = torch.full((history.shape[0], 6), -1e4)
+            long_row = (history == 2).sum(-1) >= 2  # the long prompt holds two 2s
+            logits[long_row, 4] = 0.0  # <eos>
+            logits[~long_row, 5] = 0.0
+            return SimpleNamespace(logits=logits[:, None].expand(-1, input_ids.shape[1], -1), past_key_values=history if use_cache else None)
+
+    ids, mask = left_padded([[1, 2, 2, 2], [1]], 4)
+    r = sample(Toy(), None, ids, mask, eos_token_id=4, pad_token_id=0, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert r.lengths.tolist() == [1, 3]
+    assert r.sequences.tolist() == [[1, 2, 2, 2, 4], [1, 5, 5, 5, 0]]
+    assert r.response_mask.sum(-1).tolist() == [1, 3]
