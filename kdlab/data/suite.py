@@ -8,9 +8,13 @@ no download. A prompt ends with the marker ``=``; the model continues after it:
     sort 3 1 2 =            -> 1 2 3
     add 4 7 + 5 8 =         -> 1 0 5
     say the big =           -> cat sees a dog .
+    tell the =              -> fox likes a cat . a bird sees the dog .     (``story``, optional)
 
 ``grammar`` samples sentences from a probabilistic finite automaton, so its true next-token
 distribution is known exactly (``Grammar.next_token_distribution``) and is multi-modal.
+``story`` continues two sentences of the same grammar: the suite's only long answers (up to 25
+tokens, 3x the others), for MiniLLM's claims about long responses and exposure bias. It is not
+in the default mixture.
 
     suite = build_suite(("copy", "add", "grammar"), n_train=2000, seed=0)
     tok = build_tokenizer()
@@ -269,7 +273,37 @@ class Grammar(Domain):
         return ex.text
 
 
-DOMAINS: dict[str, type[Domain]] = {c.name: c for c in (Copy, Reverse, Sort, Add, Grammar)}
+class Story(Grammar):
+    """Two sentences of the grammar: ``tell w1 [w2] =`` → the rest of the first sentence and a second one.
+
+    The long-answer domain (MiniLLM's protocol, docs/methods.md §3): errors made early in the
+    answer are carried through many more generated tokens than in any other domain. Any
+    continuation that makes the prompt's words into exactly two valid sentences is correct.
+    """
+
+    name, op = "story", "tell"
+
+    def sample(self, rng: random.Random) -> Example:
+        first, second = self.sample_sentence(rng), self.sample_sentence(rng)
+        k = rng.randint(1, 2)
+        return Example(self.name, " ".join([self.op, *first[:k], MARKER]), " ".join(first[k:] + second))
+
+    def prefix(self, context: str | Sequence[str]) -> list[str]:
+        toks = context.split() if isinstance(context, str) else list(context)
+        if not toks or toks[0] != self.op or MARKER not in toks:
+            raise ValueError(f"story: context {context!r} must start with 'tell' and contain '='")
+        return [t for t in toks[1:] if t != MARKER]
+
+    def check(self, prompt: str, output: str) -> bool:
+        words = self.prefix(prompt) + output.split()
+        ends = [i for i, w in enumerate(words) if w == "."]
+        if len(ends) != 2 or ends[1] != len(words) - 1:
+            return False
+        return self.is_valid(words[: ends[0] + 1]) and self.is_valid(words[ends[0] + 1 :])
+
+
+# The tokenizer's ids follow this order: a new domain goes last, so existing ids never move.
+DOMAINS: dict[str, type[Domain]] = {c.name: c for c in (Copy, Reverse, Sort, Add, Grammar, Story)}
 
 
 def build_domains(names: Sequence[str]) -> list[Domain]:
