@@ -17,6 +17,7 @@ from kdlab.data.suite import (
     build_domains,
     build_suite,
     build_tokenizer,
+    Story,
 )
 
 SMALL = dict(n_train=200, n_val=16, n_test=32)
@@ -226,3 +227,23 @@ def test_example_is_frozen():
     e = Example("copy", "copy a b c =", "a b c")
     with pytest.raises(AttributeError):
         e.answer = "x"  # type: ignore[misc]
+
+
+def test_story_is_two_sentences_and_long():
+    story = Story()
+    assert story.check("tell the =", "cat sees a dog . a bird likes the fox .")
+    assert story.check("tell a red =", "fox chases the cat and likes a dog . the dog sees a cat .")
+    assert not story.check("tell the =", "cat sees a dog .")  # one sentence
+    assert not story.check("tell the =", "cat sees a dog . a bird likes the fox . the cat sees a dog .")  # three
+    assert not story.check("tell the =", "cat sees a dog . a bird likes the fox")  # unfinished
+    assert not story.check("tell the =", "cat sees a dog . bird likes the fox .")  # second sentence invalid
+    examples = build_suite(("story",), n_train=300, n_val=8, n_test=8, seed=0)["train"]
+    assert all(story.check(e.prompt, e.answer) for e in examples)
+    lengths = [len(e.answer.split()) for e in examples]
+    assert max(lengths) >= 20 and min(lengths) >= 8  # 3x the other domains' answers
+
+
+def test_adding_story_keeps_every_other_token_id(tok):
+    # the story domain's only new symbol is appended: ids of the five default domains are unchanged
+    assert tok.convert_tokens_to_ids("tell") == len(tok) - 1
+    assert "story" not in DEFAULT_DOMAINS
