@@ -17,6 +17,7 @@ from torch import Tensor
 from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import valid_rows
+from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
@@ -143,15 +144,20 @@ class DistillModule(L.LightningModule):
             if loss is not None:  # None: this step trains on the data batch, as below
                 return loss
         # -------------------------------------------------------------------------------------------
+        # -- teacher_cache.k: the batch carries the cached teacher rows (kdlab/teacher_cache.py) ------
+        # then no teacher forward: the objective gets a sparse view (top-k + tail, kdlab/losses/sparse.py)
+        teacher_sparse = SparseTeacher.from_dict(batch["teacher_signals"]) if "teacher_signals" in batch else None
         # The teacher runs first: run after the student, its forward competes for memory with the
         # student's live autograd graph, which cost ~25% of a step on CPU (bench/step_overhead.py).
-        teacher_logits = self.teacher_logits(batch) if getattr(self.loss, "needs_teacher", True) else None
+        needs_teacher = getattr(self.loss, "needs_teacher", True) and teacher_sparse is None
+        teacher_logits = self.teacher_logits(batch) if needs_teacher else None
         kd_batch = KDBatch(
             student_logits=self.logits(self.student, batch),
             teacher_logits=teacher_logits,
             labels=batch["labels"],
             domain=batch["domain"],
             num_tokens=self._num_tokens(batch["labels"], batch),
+            teacher_sparse=teacher_sparse,
         )
         # only labelled positions reach the objective's softmaxes (prompts and padding carry no label)
         return self._log_loss(self.loss(valid_rows(kd_batch)), batch["domain"])

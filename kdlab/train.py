@@ -27,10 +27,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kdlab import teacher_cache
 from kdlab.callbacks.throughput import Throughput
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
-from kdlab.preflight import check_batches, check_run, check_trained
+from kdlab.preflight import check_batches, check_cache_dir, check_run, check_trained
 from kdlab.pretrain import cache_key, data_fingerprint, load_or_train
 from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
 from kdlab.summary import FAILED
@@ -106,9 +107,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     check_tokenizers(tokenizer, cfg.model.student.get("path"))
+    loss = instantiate(cfg.loss)
+    cache_k = teacher_cache.check_request(cfg.get("teacher_cache"), loss, len(tokenizer))  # refusals before data or models
+    if cache_k:
+        check_cache_dir(cfg.paths.cache_dir)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     check_batches(datamodule, cfg.data.batch_size, cfg.trainer.get("accumulate_grad_batches", 1))
-    loss = instantiate(cfg.loss)
     eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
     if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
@@ -130,6 +134,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if "SLURM_JOB_ID" not in os.environ:
         # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    if cache_k:  # one teacher pass over the training records, or the cached one: no teacher forward in training steps
+        datamodule.teacher_signals = teacher_cache.for_run(cfg, loss, teacher, tokenizer, datamodule, vocab_size, trainer)
     try:
         # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

@@ -94,6 +94,9 @@ class KDDataModule(L.LightningDataModule):
         self.batches: MixtureBatchSampler | None = None  # the run's training batches, once a loader is built
         self._restored: tuple[dict, int] | None = None  # a checkpoint's sampler state, applied to the next loader
         self._pretrain_generator: torch.Generator | None = None
+        # the teacher cache (teacher_cache.k, kdlab/teacher_cache.py): set by kdlab.train before fit, it
+        # attaches each training batch's cached teacher rows, found by the records' indices
+        self.teacher_signals = None
 
     def setup(self, stage: str) -> None:
         # Under DDP every rank's sampler draws the same weighted stream and keeps every
@@ -176,6 +179,8 @@ class KDDataModule(L.LightningDataModule):
 
     def _train_collate(self, items: list[dict]) -> dict:
         batch = self.collate(items)
+        if self.teacher_signals is not None:  # laid out like the labels; "index" is the record's place in records["train"]
+            batch["teacher_signals"] = self.teacher_signals.batch(batch["index"], batch["labels"])
         if self.pretrain:
             batch["plain"] = self._sequences(self._draw_pretrain(len(items)))
         return batch
@@ -286,5 +291,9 @@ def split_batch(batch: dict, k: int) -> list[dict]:
             micro["prompt_ids"], micro["prompt_mask"] = micro["prompt_ids"][:, -prompt_width:], micro["prompt_mask"][:, -prompt_width:]
         if isinstance(batch.get("plain"), dict):  # the pre-training corpus batch, split alike
             micro["plain"] = {key: value[rows] for key, value in batch["plain"].items()}
+        if isinstance(batch.get("teacher_signals"), dict):  # the teacher cache's rows, trimmed like the labels
+            micro["teacher_signals"] = {
+                key: value[rows, :width] if torch.is_tensor(value) else value for key, value in batch["teacher_signals"].items()
+            }
         out.append(micro)
     return out

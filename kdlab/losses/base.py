@@ -7,9 +7,13 @@ one :class:`KDBatch` and logs what comes back in :class:`LossOutput`; a loss nev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kdlab.losses.sparse import SparseTeacher
 
 IGNORE_INDEX = -100
 
@@ -21,6 +25,9 @@ class KDBatch:
     ``student_logits`` and ``teacher_logits`` are aligned with ``labels``: position t predicts
     ``labels[:, t]``. ``num_tokens`` is the normaliser of the shared masked reduction; the module
     sets it to the global count of valid tokens when training is data-parallel.
+    ``teacher_sparse``: the teacher as its top-k plus a tail outcome (kdlab.losses.sparse), given
+    instead of ``teacher_logits`` when the teacher cache is on (``teacher_cache.k``); objectives
+    that accept it say so with ``accepts_sparse_teacher = True``.
     """
 
     student_logits: Tensor  # (B, T, V)
@@ -28,6 +35,7 @@ class KDBatch:
     labels: Tensor  # (B, T), IGNORE_INDEX where a token does not count
     domain: Tensor | None = None  # (B,) domain ids of the examples
     num_tokens: Tensor | None = None  # scalar normaliser; None means the local valid count
+    teacher_sparse: SparseTeacher | None = None  # (B, T, k) views; then teacher_logits is None
 
     @property
     def mask(self) -> Tensor:

@@ -9,7 +9,8 @@ only that gradient: one (N, V) tensor besides the logits themselves. The backwar
 by the incoming gradient. Values and gradients equal the dense path's (float64 tests).
 
 Used by :class:`RowwiseLoss`, the base of every token-level objective (``loss.chunk_size``: auto,
-the default, or rows per chunk; null or 0 = dense).
+the default, or rows per chunk; null or 0 = dense). A sparse teacher (the teacher cache's top-k
+view, :mod:`kdlab.losses.sparse`) is chunked by the same rows as the student's logits.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.base import KDBatch, LossOutput
+from kdlab.losses.sparse import SparseTeacher
 
 
 class RowwiseLoss:
@@ -75,6 +77,8 @@ def chunked(dense: Callable[[KDBatch], LossOutput], batch: KDBatch, chunk_size: 
     v = batch.student_logits.shape[-1]
     student = batch.student_logits.reshape(-1, v)
     teacher = batch.teacher_logits.reshape(-1, v) if batch.teacher_logits is not None else None
+    if batch.teacher_sparse is not None:  # the teacher cache's top-k view (kdlab.losses.sparse): chunked by the same rows
+        teacher = batch.teacher_sparse.flatten_rows()
     labels = batch.labels.reshape(-1)
     num_tokens = batch.num_tokens if batch.num_tokens is not None else batch.mask.sum()
     sink: dict = {}
@@ -97,9 +101,10 @@ class _Chunked(torch.autograd.Function):
                 s = student[rows].detach().requires_grad_(True)
                 part = KDBatch(
                     student_logits=s.unsqueeze(0),
-                    teacher_logits=teacher[rows].unsqueeze(0) if teacher is not None else None,
+                    teacher_logits=teacher[rows].unsqueeze(0) if isinstance(teacher, Tensor) else None,
                     labels=labels[rows].unsqueeze(0),
                     num_tokens=num_tokens,
+                    teacher_sparse=teacher[rows].map(lambda t: t.unsqueeze(0)) if isinstance(teacher, SparseTeacher) else None,
                 )
                 out = dense(part)
                 (g,) = torch.autograd.grad(out.loss, s, allow_unused=True)
@@ -131,6 +136,7 @@ def valid_rows(batch: KDBatch) -> KDBatch:
         batch,
         student_logits=batch.student_logits[keep].unsqueeze(0),
         teacher_logits=batch.teacher_logits[keep].unsqueeze(0) if batch.teacher_logits is not None else None,
+        teacher_sparse=batch.teacher_sparse.map(lambda t: t[keep].unsqueeze(0)) if batch.teacher_sparse is not None else None,
         labels=batch.labels[keep].unsqueeze(0),
         domain=None,
     )

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
+from kdlab.losses.sparse import coarsen
 
 LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
 
@@ -149,6 +150,9 @@ class TokenKD(RowwiseLoss):
     """
 
     needs_teacher = True
+    # the teacher cache (teacher_cache.k): D computed exactly on the partition of the teacher's top-k
+    # ids plus one tail outcome (kdlab.losses.sparse), a lower bound of the full D (data processing)
+    accepts_sparse_teacher = True
 
     def __init__(
         self,
@@ -175,11 +179,17 @@ class TokenKD(RowwiseLoss):
         self.kd_weight = kd_weight
 
     def dense(self, batch: KDBatch) -> LossOutput:
-        if batch.teacher_logits is None:
+        if batch.teacher_sparse is not None:
+            # the teacher cache: D on the k + 1 outcomes of the coarsened partition (kdlab.losses.sparse),
+            # whose log-probabilities, already at τ, the divergence takes as logits at τ = 1
+            log_q, log_p = coarsen(batch.student_logits, batch.teacher_sparse, self.temperature)
+            per_token = self.scale * self.divergence(log_q, log_p, batch.labels, temperature=1.0)
+        elif batch.teacher_logits is None:
             raise ValueError("TokenKD needs teacher logits; the module passed none")
-        per_token = self.scale * self.divergence(
-            batch.student_logits, batch.teacher_logits, batch.labels, temperature=self.temperature
-        )
+        else:
+            per_token = self.scale * self.divergence(
+                batch.student_logits, batch.teacher_logits, batch.labels, temperature=self.temperature
+            )
         kd = masked_mean(per_token, batch.mask, batch.num_tokens)
         logs = {"kd": kd.detach()}  # unweighted, comparable across kd_weight settings
         loss = self.kd_weight * kd

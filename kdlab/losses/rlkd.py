@@ -30,6 +30,7 @@ from kdlab.agreement import topk_overlap
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
 from kdlab.losses.softrank import soft_rank
+from kdlab.losses.sparse import SparseTeacher, teacher_values_at
 
 # ‖centred soft ranks‖ (rank units, float64) at or below this counts as "all values equal": ρ := 0.
 # Float64 rounding leaves ~1e-14 on a truly constant row; genuine spreads are far above 1e-12.
@@ -73,17 +74,20 @@ def _spearman(rank_a: Tensor, rank_b: Tensor, valid: Tensor) -> Tensor:
 
 
 def _values_at_union(
-    student_logits: Tensor, teacher_logits: Tensor, k: int, rank_logits: bool, dedupe_union: bool
+    student_logits: Tensor, teacher_logits: Tensor | SparseTeacher, k: int, rank_logits: bool, dedupe_union: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Student values, teacher values (float64) and validity at S, each (..., 2k) (§2.1–2.2).
 
     Works on the full (B, T, V) logits without copying them: only top-k, a gather and a logsumexp
-    touch the vocabulary dimension.
+    touch the vocabulary dimension. A sparse teacher (the teacher cache) gives its top-k ids, and
+    its values at S by :func:`kdlab.losses.sparse.teacher_values_at` (an uncached id of the
+    student's top-k gets the tail mass spread evenly, m/(V − k)).
     """
     if k < 1:
         raise ValueError(f"RLKD k must be >= 1, got {k}")
     k = min(k, student_logits.shape[-1])  # documented: with k >= V, S is the whole vocabulary
-    t_idx = teacher_logits.topk(k, dim=-1).indices
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    t_idx = _sparse_top(teacher_logits, k) if sparse else teacher_logits.topk(k, dim=-1).indices
     s_idx = student_logits.detach().topk(k, dim=-1).indices
     index = torch.cat([t_idx, s_idx], dim=-1)  # fixed width 2k
     valid = torch.ones_like(index, dtype=torch.bool)
@@ -96,9 +100,35 @@ def _values_at_union(
         if rank_logits:
             return gathered
         # p = exp(z − logsumexp z), only at S: no full-vocabulary softmax is materialised
-        return torch.exp(gathered - torch.logsumexp(logits.float(), dim=-1, keepdim=True).double())
+        # (float32 at least, float64 logits keep float64, as in the §1 divergences)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return torch.exp(gathered - torch.logsumexp(wide, dim=-1, keepdim=True).double())
 
-    return values_at_s(student_logits), values_at_s(teacher_logits), valid
+    if sparse:
+        teacher_values = teacher_values_at(teacher_logits, index, student_logits.shape[-1], rank_logits)
+    else:
+        teacher_values = values_at_s(teacher_logits)
+    return values_at_s(student_logits), teacher_values, valid
+
+
+def _sparse_top(teacher: SparseTeacher, k: int) -> Tensor:
+    """The teacher's top-k ids from a sparse view (sorted, largest first), which must hold at least k."""
+    if teacher.k < k:
+        raise ValueError(
+            f"RLKD needs the teacher's top-{k} ids (loss.k={k}), the cached teacher holds {teacher.k}: "
+            f"set teacher_cache.k >= {k} or lower loss.k"
+        )
+    return teacher.indices[..., :k].long()
+
+
+def _overlap(student_logits: Tensor, teacher: Tensor | SparseTeacher, mask: Tensor, k: int) -> Tensor:
+    """abs(top-k(p) ∩ top-k(q)) / k (§2.6), from dense teacher logits or a sparse view's top-k ids."""
+    if not isinstance(teacher, SparseTeacher):
+        return topk_overlap(student_logits, teacher, mask, k)
+    k = min(k, student_logits.shape[-1])
+    s_idx = student_logits.detach().topk(k, dim=-1).indices
+    common = (s_idx[..., :, None] == _sparse_top(teacher, k)[..., None, :]).any(-1).sum(-1)
+    return torch.where(mask, common / k, torch.zeros((), device=common.device)).float()
 
 
 def _spearman_from_values(student_values: Tensor, teacher_values: Tensor, valid: Tensor, strength: float) -> Tensor:
@@ -129,7 +159,7 @@ def spearman_per_row(
 
 def ranking_loss_per_token(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | SparseTeacher,
     labels: Tensor | None,
     *,
     k: int = 5,
@@ -141,11 +171,13 @@ def ranking_loss_per_token(
 
     ``dedupe_union=False`` is the authors' concatenation: 2k entries with duplicates kept (a token
     in both top-k lists appears twice, tied). The soft ranks are computed at valid positions only.
+    ``teacher_logits`` may be a sparse view (the teacher cache, kdlab.losses.sparse) of at least k ids.
     """
     mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
     if labels is not None:
         mask = labels != IGNORE_INDEX
-    s_val, t_val, valid = _values_at_union(student_logits, teacher_logits.detach(), k, rank_logits, dedupe_union)
+    teacher = teacher_logits if isinstance(teacher_logits, SparseTeacher) else teacher_logits.detach()
+    s_val, t_val, valid = _values_at_union(student_logits, teacher, k, rank_logits, dedupe_union)
     rho = _spearman_from_values(s_val[mask], t_val[mask], valid[mask], regularization_strength)
     # float32 at least (like the divergences), so bf16 logits do not round the loss
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
@@ -225,12 +257,30 @@ class RankingKD(RowwiseLoss):
         # mean: neither is a token sum, so both run densely
         return not (self.dynamic_weighting or self.authors_combination)
 
+    @property
+    def accepts_sparse_teacher(self) -> bool:
+        """The teacher cache: the ranking term takes a sparse view (kdlab.losses.sparse), and so must the base."""
+        return self.base is None or not getattr(self.base, "needs_teacher", True) or getattr(self.base, "accepts_sparse_teacher", False)
+
+    @property
+    def teacher_temperature(self) -> float:
+        """The τ a cached teacher must be computed at: 1, at which the ranking term takes p (§2.2)."""
+        base = getattr(self.base, "temperature", 1.0)
+        if base != 1.0:
+            raise ValueError(
+                f"loss=rlkd ranks the teacher's probabilities at temperature 1 and its base is at temperature {base}: "
+                "one cached teacher (teacher_cache.k) holds the tail mass at one temperature; set teacher_cache.k=null "
+                "or give the base temperature 1"
+            )
+        return 1.0
+
     def dense(self, batch: KDBatch) -> LossOutput:
-        if batch.teacher_logits is None:
+        teacher = batch.teacher_sparse if batch.teacher_sparse is not None else batch.teacher_logits
+        if teacher is None:
             raise ValueError("RankingKD needs teacher logits; the module passed none")
         rank_tok = ranking_loss_per_token(
             batch.student_logits,
-            batch.teacher_logits,
+            teacher,
             batch.labels,
             k=self.k,
             regularization_strength=self.regularization_strength,
@@ -249,7 +299,7 @@ class RankingKD(RowwiseLoss):
         base_tok = base_out.per_token
         weight = 1.0
         if self.dynamic_weighting:
-            overlap = topk_overlap(batch.student_logits, batch.teacher_logits, batch.mask, self.k)
+            overlap = _overlap(batch.student_logits, teacher, batch.mask, self.k)
             weight = masked_mean(overlap, batch.mask)  # local valid count: a mean weight
             logs["base_weight"] = weight.detach()
 
