@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab import teacher_cache
 from kdlab.callbacks.throughput import Throughput
+from kdlab.data.files import tokenizer_fingerprint
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_cache_dir, check_run, check_trained
@@ -63,7 +64,9 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
     settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
     batch_size = training.get("batch_size") or cfg.data.batch_size  # its own, or the distillation's
-    key = cache_key(cfg.model[role], cfg.model.tokenizer, settings, splits, batch_size, data_fingerprint(datamodule))
+    # the tokenizer itself, not only its config node: a changed vocabulary resizes the model's embeddings
+    tokens = tokenizer_fingerprint(tokenizer)
+    key = cache_key(cfg.model[role], cfg.model.tokenizer, tokens, settings, splits, batch_size, data_fingerprint(datamodule))
     return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
 
 

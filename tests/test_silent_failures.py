@@ -84,7 +84,7 @@ class NaNAfter:
 
     needs_teacher = False
 
-    def __init__(self, steps: int = 3, chunk_size=None):  # chunk_size: conf/loss/ce.yaml's, unused
+    def __init__(self, steps: int = 3, chunk_size=None, fused_head=False):  # conf/loss/ce.yaml's settings, unused
         self.steps, self.calls = steps, 0
 
     def __call__(self, batch):
@@ -216,6 +216,19 @@ def test_the_cache_key_changes_with_the_data_behind_an_unchanged_config(tiny_cfg
 
     monkeypatch.setattr(suite, "build_suite", changed_generator)
     assert data_fingerprint(instantiate(cfg.data, tokenizer=tok)) != before
+
+
+def test_the_cache_key_changes_with_the_tokenizer_behind_an_unchanged_config(tiny_cfg, monkeypatch):
+    import kdlab.train as train
+
+    keys = []
+    monkeypatch.setattr(train, "load_or_train", lambda model, training, key, *a, **k: keys.append(key) or model)
+    cfg = tiny_cfg()
+    for extra in ([], ["zebra"]):  # a token the data never uses: same tokenised data, a larger embedding
+        tok = instantiate(cfg.model.tokenizer)
+        tok.add_tokens(extra)
+        train.build_model(cfg, "teacher", tok, instantiate(cfg.data, tokenizer=tok))
+    assert len(keys) == 2 and keys[0] != keys[1]
 
 
 # -- 9: unique run folders -------------------------------------------------------------------------
