@@ -157,7 +157,7 @@ def run_one(protocol: Protocol, variant: str, seed: int, run_dir: Path, extra: l
 
 def ddk_gaps(metrics: dict) -> dict:
     """The student-teacher gap of DDK: test perplexity ratio l_S/l_T per domain, mean and worst."""
-    domains = [k.split("/")[1] for k in metrics if k.startswith("test/") and k.endswith("/teacher_ppl")]
+    domains = [k.split("/")[1] for k in metrics if k.startswith("test/") and k.endswith("/teacher_ppl") and k.count("/") == 2]
     ratios = {d: metrics[f"test/{d}/ppl"] / metrics[f"test/{d}/teacher_ppl"] for d in domains}
     return {"gap/mean": statistics.fmean(ratios.values()), "gap/worst": max(ratios.values()),
             **{f"gap/{d}": r for d, r in ratios.items()}}

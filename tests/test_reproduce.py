@@ -26,7 +26,7 @@ def test_verdicts():
 
 
 def test_ddk_gap_is_the_perplexity_ratio_mean_and_worst():
-    metrics = {"test/a/ppl": 2.0, "test/a/teacher_ppl": 1.0, "test/b/ppl": 3.0, "test/b/teacher_ppl": 2.0, "test/ppl": 9.0}
+    metrics = {"test/a/ppl": 2.0, "test/a/teacher_ppl": 1.0, "test/b/ppl": 3.0, "test/b/teacher_ppl": 2.0, "test/ppl": 9.0, "test/teacher_ppl": 4.0}
     gaps = ddk_gaps(metrics)
     assert gaps["gap/a"] == 2.0 and gaps["gap/b"] == 1.5 and gaps["gap/mean"] == 1.75 and gaps["gap/worst"] == 2.0
 
