@@ -1,14 +1,25 @@
-"""Peak memory and time of one objective's forward + backward: dense vs chunked, side by side.
+"""Peak memory and time of one objective's forward + backward: dense, chunked and fused, side by side.
 
-    python -m bench.objective_memory [--rows 1024] [--vocab 32000 151936] [--chunk 1024] [--device cpu]
+    python -m bench.objective_memory [--rows 1024] [--vocab 32000 151936] [--chunk auto] [--hidden 896] [--device cpu]
 
-For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd) on (N, V)
-float32 logits: the peak memory above the inputs (student logits, teacher logits, labels), in
-units of one (N, V) tensor, and the time of forward + backward, with ``chunk_size=null`` (dense)
-and the config's chunked default. On CPU each measurement runs in a fresh process and reads its
-peak resident memory (``ru_maxrss``, with large blocks from mmap so that it tracks live tensors);
-on CUDA, ``torch.cuda.max_memory_allocated``. The student logits' gradient, which every backward
-pass has, is included in the extra memory.
+For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), two comparisons:
+
+1. On (N, V) float32 logits (the inputs: student logits, teacher logits, labels), ``dense``
+   (``chunk_size=null``) vs ``chunked`` (the config's default): what the objective itself costs.
+2. From hidden states (``--hidden`` H, default 896 = Qwen2-0.5B's; 0 skips this part), with inputs
+   the student's and the teacher's last hidden states (N, H) and output heads (V, H):
+   ``head+chunked`` computes both (N, V) logits (h Wᵀ, the teacher's under no_grad) and then the
+   chunked objective, which is what ``DistillModule`` does with ``loss.fused_head=false``;
+   ``fused`` is ``loss.fused_head=true`` (kdlab/losses/fused.py: no (N, V) logits at all). Both do
+   the same four (N, H, V) matmuls (two head forwards, grad_h, grad_W), so their times compare the
+   head's cost too, and both produce the same gradients w.r.t. h and W. Those gradients, (N + V)·H
+   floats, are a floor that no method avoids (``floor`` in the header; ``fused-floor`` is what the
+   fused path keeps above it: the chunk's logits and softmaxes).
+
+Memory is the peak above the inputs, in units of one (N, V) float32 tensor; the gradients that
+every backward pass produces (the student logits', or h's and W's) are included. On CPU each
+measurement runs in a fresh process and reads its peak resident memory (``ru_maxrss``, with large
+blocks from mmap so that it tracks live tensors); on CUDA, ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -28,8 +39,8 @@ OBJECTIVES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
-def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: str) -> dict:
-    """One forward + backward in this process; returns extra peak bytes and seconds."""
+def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: str, mode: str, hidden: int) -> dict:
+    """One forward + backward in this process (``mode``: logits, head or fused); returns extra peak bytes and seconds."""
     import resource
 
     import torch
@@ -37,15 +48,20 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     from omegaconf import OmegaConf
 
     from kdlab.losses.base import KDBatch
+    from kdlab.losses.fused import fused_head_loss
 
     torch.manual_seed(0)
     cfg = OmegaConf.load(ROOT / "conf" / "loss" / f"{name}.yaml")
     cfg.chunk_size = chunk
     loss = instantiate(cfg)
-    student = torch.randn(1, rows, vocab, device=device, requires_grad=True)
-    teacher = torch.randn(1, rows, vocab, device=device)
-    labels = torch.randint(0, vocab, (1, rows), device=device)
-    batch = KDBatch(student_logits=student, teacher_logits=teacher, labels=labels)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    if mode == "logits":
+        student = torch.randn(1, rows, vocab, device=device, requires_grad=True)
+        teacher = torch.randn(1, rows, vocab, device=device)
+    else:  # logits h Wᵀ of spread ~2, like the logits mode's; scaled in place, so that no temporary raises the base
+        h, h_t = torch.randn(rows, hidden, device=device, requires_grad=True), torch.randn(rows, hidden, device=device)
+        w = torch.randn(vocab, hidden, device=device).mul_(2 / hidden**0.5).requires_grad_(True)
+        w_t = torch.randn(vocab, hidden, device=device).mul_(2 / hidden**0.5)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -53,44 +69,71 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    loss(batch).loss.backward()
+    if mode == "fused":
+        out = fused_head_loss(loss, h, w, labels, torch.tensor(rows, device=device), teacher_hidden=h_t, teacher_weight=w_t)
+    else:
+        if mode == "head":
+            student = (h @ w.T).unsqueeze(0)
+            with torch.no_grad():
+                teacher = (h_t @ w_t.T).unsqueeze(0)
+        out = loss(KDBatch(student_logits=student, teacher_logits=teacher, labels=labels.unsqueeze(0)))
+    out.loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     seconds = time.perf_counter() - start
-    # the student logits' gradient is part of any backward pass: counted, as one (N, V) tensor
+    # the gradients of the differentiated inputs are part of any backward pass: counted
     return {"extra": (peak - base) / (rows * vocab * 4), "seconds": seconds}
+
+
+def run_one(args, name: str, vocab: int, chunk: str, mode: str) -> dict:
+    """One measurement in a fresh process (its peak memory is its own)."""
+    cmd = [sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--hidden", str(args.hidden)]
+    cmd += ["--one", name, str(vocab), chunk, args.device, mode]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 151_936])
-    parser.add_argument("--chunk", default="auto", help="the chunked column's loss.chunk_size: auto (the conf/loss default) or rows")
+    parser.add_argument("--chunk", default="auto", help="the chunked and fused columns' loss.chunk_size: auto (the conf/loss default) or rows")
+    parser.add_argument("--hidden", type=int, default=896, help="hidden size H of the head and fused columns (896: Qwen2-0.5B); 0 = logits only")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # name vocab chunk device: run one measurement
+    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # name vocab chunk device mode: run one measurement
     args = parser.parse_args()
     if args.one:
-        name, vocab, chunk, device = args.one
-        print(json.dumps(measure(name, args.rows, int(vocab), chunk if chunk == "auto" else (int(chunk) or None), device)))
+        name, vocab, chunk, device, mode = args.one
+        chunk = chunk if chunk == "auto" else (int(chunk) or None)
+        print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden)))
         return
-    print(f"forward + backward on ({args.rows}, V) float32 logits, {args.device}; extra peak memory in (N, V) tensors; chunked: loss.chunk_size={args.chunk}")
-    print(f"{'objective':10s} {'V':>7s} {'dense':>7s} {'chunked':>8s} {'t dense':>9s} {'t chunked':>10s} {'t ratio':>8s}")
+    heads = args.hidden > 0
+    print(f"forward + backward, N = {args.rows} rows, {args.device}; extra peak memory in (N, V) float32 tensors; chunked and fused: loss.chunk_size={args.chunk}")
+    if heads:
+        floors = ", ".join(f"{(args.rows + v) * args.hidden / (args.rows * v):.2f} at V={v}" for v in args.vocab)
+        print(f"head+chunked, fused: from (N, {args.hidden}) hidden states and (V, {args.hidden}) heads; floor (the gradients of h and W): {floors}")
+    header = f"{'objective':10s} {'V':>7s} {'dense':>7s} {'chunked':>8s} {'t dense':>9s} {'t chunked':>10s} {'t ratio':>8s}"
+    if heads:
+        header += f" {'head+chunked':>13s} {'fused':>7s} {'fused-floor':>12s} {'t head+ch':>10s} {'t fused':>8s} {'t ratio':>8s}"
+    print(header)
     for vocab in args.vocab:
+        floor = (args.rows + vocab) * args.hidden / (args.rows * vocab)
         for name in OBJECTIVES:
-            results = []
-            for chunk in ("0", args.chunk):
-                cmd = [sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--one", name, str(vocab), chunk, args.device]
-                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            dense, chunked = results
-            print(
+            dense, chunked = run_one(args, name, vocab, "0", "logits"), run_one(args, name, vocab, args.chunk, "logits")
+            line = (
                 f"{name:10s} {vocab:7d} {dense['extra']:7.2f} {chunked['extra']:8.2f} {dense['seconds']:8.2f}s "
-                f"{chunked['seconds']:9.2f}s {chunked['seconds'] / dense['seconds']:8.2f}",
-                flush=True,
+                f"{chunked['seconds']:9.2f}s {chunked['seconds'] / dense['seconds']:8.2f}"
             )
+            if heads:
+                head, fused = run_one(args, name, vocab, args.chunk, "head"), run_one(args, name, vocab, args.chunk, "fused")
+                line += (
+                    f" {head['extra']:13.2f} {fused['extra']:7.2f} {fused['extra'] - floor:12.2f} {head['seconds']:9.2f}s "
+                    f"{fused['seconds']:7.2f}s {fused['seconds'] / head['seconds']:8.2f}"
+                )
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch import Tensor
 from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import valid_rows
+from kdlab.losses.fused import fused_training_loss
 from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
@@ -138,6 +139,11 @@ class DistillModule(L.LightningModule):
         return count
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        # -- loss.fused_head: the objective from hidden states and heads, no (N, V) logits ----------
+        if getattr(self.loss, "fused_head", False):  # kdlab/losses/fused.py; refuses rollout losses
+            num_tokens = self._num_tokens(batch["labels"], batch)
+            out = fused_training_loss(self.loss, self.student, self.teacher, batch, self.vocab_size, num_tokens)
+            return self._log_loss(out, batch["domain"])
         # -- on-policy losses (MiniLLM, on-policy KD) train on samples: see _rollout_training_step --
         if getattr(self.loss, "needs_rollouts", False):
             loss = self._rollout_training_step(batch)

@@ -9,8 +9,10 @@ only that gradient: one (N, V) tensor besides the logits themselves. The backwar
 by the incoming gradient. Values and gradients equal the dense path's (float64 tests).
 
 Used by :class:`RowwiseLoss`, the base of every token-level objective (``loss.chunk_size``: auto,
-the default, or rows per chunk; null or 0 = dense). A sparse teacher (the teacher cache's top-k
-view, :mod:`kdlab.losses.sparse`) is chunked by the same rows as the student's logits.
+the default, or rows per chunk; null or 0 = dense). :mod:`kdlab.losses.fused` runs the same chunk
+step (:func:`chunk_value_and_grad`, :class:`ChunkTotals`) on logits it computes from hidden states.
+A sparse teacher (the teacher cache's top-k view, :mod:`kdlab.losses.sparse`) is chunked by the
+same rows as the student's logits.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class RowwiseLoss:
     """
 
     chunk_size: int | str | None = None
+    fused_head: bool = False  # loss.fused_head: the module computes it from hidden states (kdlab.losses.fused)
 
     @property
     def chunkable(self) -> bool:
@@ -72,6 +75,12 @@ def check_chunk_size(chunk_size: int | str | None) -> int | str | None:
     return chunk_size or None
 
 
+def check_fused_head(fused_head: bool) -> bool:
+    if not isinstance(fused_head, bool):
+        raise ValueError(f"loss.fused_head must be true or false, got {fused_head!r}")
+    return fused_head
+
+
 def chunked(dense: Callable[[KDBatch], LossOutput], batch: KDBatch, chunk_size: int) -> LossOutput:
     """``dense(batch)``'s value and gradient, computed over chunks of ``chunk_size`` rows."""
     v = batch.student_logits.shape[-1]
@@ -86,37 +95,67 @@ def chunked(dense: Callable[[KDBatch], LossOutput], batch: KDBatch, chunk_size: 
     return LossOutput(loss=loss, logs=sink["logs"], per_token=sink["per_token"].view(batch.labels.shape) if sink["per_token"] is not None else None)
 
 
+def chunk_value_and_grad(
+    dense: Callable[[KDBatch], LossOutput], student: Tensor, teacher: Tensor | None, labels: Tensor, num_tokens: Tensor
+) -> tuple[LossOutput, Tensor | None]:
+    """``dense`` on one chunk of (rows, V) logits and d loss / d those student logits.
+
+    The gradient is None for an all-masked chunk (its loss does not depend on the logits). The
+    chunk's graph is freed by ``autograd.grad``: only the returned gradient outlives the call.
+    """
+    with torch.enable_grad():
+        s = student.detach().requires_grad_(True)
+        part = KDBatch(
+            student_logits=s.unsqueeze(0),
+            teacher_logits=teacher.unsqueeze(0) if isinstance(teacher, Tensor) else None,
+            labels=labels.unsqueeze(0),
+            num_tokens=num_tokens,
+            teacher_sparse=teacher.map(lambda t: t.unsqueeze(0)) if isinstance(teacher, SparseTeacher) else None,
+        )
+        out = dense(part)
+        (g,) = torch.autograd.grad(out.loss, s, allow_unused=True)
+    return out, g
+
+
+class ChunkTotals:
+    """The loss, logs and per-token values of a batch, summed (concatenated) over its chunks.
+
+    Exact because every chunk is normalised by the batch's ``num_tokens`` (the module docstring).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=device)
+        self.logs: dict[str, Tensor] = {}
+        self.per_token: list[Tensor | None] = []
+
+    def add(self, out: LossOutput) -> None:
+        self.loss += out.loss.detach()
+        for key, value in out.logs.items():
+            self.logs[key] = self.logs.get(key, 0) + value.detach()
+        self.per_token.append(out.per_token.reshape(-1) if out.per_token is not None else None)
+
+    def write(self, sink: dict) -> None:
+        """Logs and per-token values go out through ``sink``: an autograd Function returns tensors only."""
+        sink["logs"] = self.logs
+        parts = self.per_token
+        sink["per_token"] = torch.cat(parts) if parts and all(p is not None for p in parts) else None
+
+
 class _Chunked(torch.autograd.Function):
     """Forward: Σ_chunks dense(chunk) and d/d student_logits, chunk by chunk. Backward: that gradient × grad_output."""
 
     @staticmethod
     def forward(ctx, student, dense, teacher, labels, num_tokens, chunk_size, sink):
         grad = torch.empty_like(student)
-        total = torch.zeros((), dtype=torch.promote_types(student.dtype, torch.float32), device=student.device)
-        logs: dict[str, Tensor] = {}
-        per_token = []
+        totals = ChunkTotals(student.dtype, student.device)
         for start in range(0, student.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                s = student[rows].detach().requires_grad_(True)
-                part = KDBatch(
-                    student_logits=s.unsqueeze(0),
-                    teacher_logits=teacher[rows].unsqueeze(0) if isinstance(teacher, Tensor) else None,
-                    labels=labels[rows].unsqueeze(0),
-                    num_tokens=num_tokens,
-                    teacher_sparse=teacher[rows].map(lambda t: t.unsqueeze(0)) if isinstance(teacher, SparseTeacher) else None,
-                )
-                out = dense(part)
-                (g,) = torch.autograd.grad(out.loss, s, allow_unused=True)
+            out, g = chunk_value_and_grad(dense, student[rows], teacher[rows] if teacher is not None else None, labels[rows], num_tokens)
             grad[rows] = 0 if g is None else g  # an all-masked chunk has no gradient
-            total += out.loss.detach()
-            for key, value in out.logs.items():
-                logs[key] = logs.get(key, 0) + value.detach()
-            per_token.append(out.per_token.reshape(-1) if out.per_token is not None else None)
-        sink["logs"] = logs
-        sink["per_token"] = torch.cat(per_token) if all(p is not None for p in per_token) else None
+            totals.add(out)
+        totals.write(sink)
         ctx.save_for_backward(grad)
-        return total
+        return totals.loss
 
     @staticmethod
     def backward(ctx, grad_output):

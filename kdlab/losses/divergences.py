@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.sparse import coarsen
 
 LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
@@ -124,12 +124,14 @@ def total_variation(student_logits, teacher_logits, labels=None, *, temperature:
 
 class CrossEntropy(RowwiseLoss):
     """``loss=ce``: the student trained on the labels alone (the SFT baseline); needs no teacher.
-    ``chunk_size``: rows per chunk of the vocabulary-wide softmax (kdlab.losses.chunked; null = dense)."""
+    ``chunk_size``: rows per chunk of the vocabulary-wide softmax (kdlab.losses.chunked; null = dense);
+    ``fused_head``: computed from the hidden states, no (N, V) logits (kdlab.losses.fused)."""
 
     needs_teacher = False
 
-    def __init__(self, chunk_size: int | None = None):
+    def __init__(self, chunk_size: int | None = None, fused_head: bool = False):
         self.chunk_size = check_chunk_size(chunk_size)
+        self.fused_head = check_fused_head(fused_head)
 
     def dense(self, batch: KDBatch) -> LossOutput:
         per_token = cross_entropy(batch.student_logits, batch.labels)
@@ -146,7 +148,8 @@ class TokenKD(RowwiseLoss):
     given by Hydra as a partial carrying its own parameter (β or α). ``kd_weight`` < 1 expresses
     objectives that weight the divergence against CE, e.g. DDK's L = CE + γ·KL (Eq. 3, γ = 0.2).
     ``chunk_size``: rows per chunk (kdlab.losses.chunked: the same values and gradients without the
-    dense path's (N, V) intermediates; null = dense).
+    dense path's (N, V) intermediates; null = dense). ``fused_head``: the module hands the hidden
+    states and output heads instead of logits (kdlab.losses.fused: no (N, V) logits at all).
     """
 
     needs_teacher = True
@@ -162,8 +165,10 @@ class TokenKD(RowwiseLoss):
         ce_weight: float = 0.0,
         kd_weight: float = 1.0,
         chunk_size: int | None = None,
+        fused_head: bool = False,
     ):
         self.chunk_size = check_chunk_size(chunk_size)
+        self.fused_head = check_fused_head(fused_head)
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
         if ce_weight < 0:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kdlab.agreement import topk_overlap
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.softrank import soft_rank
 from kdlab.losses.sparse import SparseTeacher, teacher_values_at
 
@@ -204,6 +204,8 @@ class RankingKD(RowwiseLoss):
         rank_logits, dedupe_union: the authors' code variants (see :func:`ranking_loss_per_token`).
         authors_combination: the authors' code: L = L_rank + L_base / w_rank (with w_rank = 2:
             rank + base/2, the paper's loss scaled by ½), and L = L_base alone when L_rank is NaN.
+        chunk_size, fused_head: how it is computed (kdlab.losses.chunked, kdlab.losses.fused), not
+            what; neither applies to ``dynamic_weighting`` or ``authors_combination`` (not token sums).
 
     Returns LossOutput with logs ``L_rank``, ``L_base`` and the base's own logs (plus
     ``base_weight`` with dynamic weighting). ``per_token`` is the combined per-token value whose
@@ -224,8 +226,10 @@ class RankingKD(RowwiseLoss):
         dedupe_union: bool = True,
         authors_combination: bool = False,
         chunk_size: int | None = None,
+        fused_head: bool = False,
     ):
         self.chunk_size = check_chunk_size(chunk_size)
+        self.fused_head = check_fused_head(fused_head)
         if isinstance(base, str) and base.lower() == "none":
             base = None
         if isinstance(base, str):
@@ -250,6 +254,11 @@ class RankingKD(RowwiseLoss):
         self.rank_logits = rank_logits
         self.dedupe_union = dedupe_union
         self.authors_combination = authors_combination
+        if fused_head and not self.chunkable:
+            raise ValueError(
+                "loss.fused_head=true computes the loss chunk by chunk, but loss.dynamic_weighting and "
+                "loss.authors_combination use batch-wide averages; set loss.fused_head=false or turn them off"
+            )
 
     @property
     def chunkable(self) -> bool:

@@ -1,0 +1,178 @@
+"""The fused head (``loss.fused_head=true``): a token-level objective computed from hidden states.
+
+:mod:`kdlab.losses.chunked` removes the objective's (N, V) intermediates, but the module still
+materialises both models' (N, V) logits and the student logits' (N, V) gradient: at V = 151,936 a
+float32 (N, V) tensor is 0.6 GB per 1,000 tokens. Here the autograd function takes the student's
+last hidden states at the N labelled positions (N, H) and its output head (V, H), the teacher's
+too, and for each chunk of rows computes both chunks of logits, runs the objective's ``dense`` on
+them (docs/methods.md §1, §2: the same code as the dense and chunked paths, so the same values)
+and turns d loss / d student logits into grad_hidden[chunk] = g W and grad_W += gᵀ h at once.
+Only grad_hidden (N, H) and grad_W (V, H) survive the forward pass; the backward pass scales
+them by the incoming gradient. This is the idea of Liger-Kernel's fused linear JSD, for every
+kdlab token-level objective. Values and gradients equal the dense path's (float64 tests).
+
+Requires a plain linear head (logits = h Wᵀ + b of the base model's last hidden state): models
+whose causal-LM forward transforms the logits (softcapping, logit scales) are refused, and the
+rows are those of ``module.vocab_size`` (both heads truncated, as ``DistillModule.logits`` does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab.losses.base import IGNORE_INDEX, LossOutput
+from kdlab.losses.chunked import ChunkTotals, RowwiseLoss, chunk_value_and_grad
+
+# config fields by which transformers' causal LMs change h Wᵀ: caps (set = active) and scales
+# (active unless 1). Gemma 2/3, nanochat: softcapping; Cohere: logit_scale; Granite, MiniCPM3,
+# HyperCLOVA X: logits_scaling; others output_multiplier.
+_LOGIT_CAPS = ("final_logit_softcapping",)
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
+
+
+def plain_head(model, role: str) -> nn.Linear:
+    """``model``'s output head, if its logits are exactly that head applied to ``model.base_model``'s output."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = type(model).__name__
+    fix = "set loss.fused_head=false (the chunked path computes the model's own logits)"
+    if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
+        raise ValueError(
+            f"loss.fused_head=true needs the {role}'s logits to be a linear head on a base model's last hidden "
+            f"state, but {name} has output embeddings {type(head).__name__} and base model "
+            f"{type(getattr(model, 'base_model', model)).__name__}; {fix}"
+        )
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field in _LOGIT_CAPS + _LOGIT_SCALES:
+        value = getattr(config, field, None)
+        if value is not None and (field in _LOGIT_CAPS or value != 1):
+            raise ValueError(
+                f"loss.fused_head=true computes the {role}'s logits as its head times its last hidden state, but "
+                f"{name} transforms them ({field}={value}), so the fused values would differ from the model's; {fix}"
+            )
+    return head
+
+
+def last_hidden_rows(model, batch: dict, mask: Tensor) -> Tensor:
+    """The base model's last hidden states at the labelled positions: (N, H), what the head would see."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden[mask]
+
+
+def fused_training_loss(loss, student, teacher, batch: dict, vocab_size: int | None, num_tokens: Tensor) -> LossOutput:
+    """``DistillModule.training_step`` with ``loss.fused_head``: the objective from both models' hidden states.
+
+    Rows are selected before the head (prompts and padding carry no label), and the teacher runs
+    first, as in the module's dense path (bench/step_overhead.py).
+    """
+    if getattr(loss, "needs_rollouts", False):
+        raise ValueError(
+            f"loss.fused_head=true is for off-policy objectives, but {type(loss).__name__} trains on rollouts, whose "
+            "losses read full logits; set loss.fused_head=false"
+        )
+    if "teacher_signals" in batch:
+        # the cached sparse teacher would be ignored here, silently paying for the teacher forward it replaces
+        raise ValueError(
+            "loss.fused_head=true computes the teacher's logits from its hidden states, but teacher_cache.k is set, "
+            "so the batch carries the cached teacher instead; set loss.fused_head=false or teacher_cache.k=null"
+        )
+    mask = batch["labels"] != IGNORE_INDEX
+    teacher_inputs = {}
+    if getattr(loss, "needs_teacher", True):
+        head = plain_head(teacher, "teacher")
+        with torch.no_grad():
+            hidden = last_hidden_rows(teacher, batch, mask)
+        teacher_inputs = dict(teacher_hidden=hidden, teacher_weight=head.weight, teacher_bias=head.bias)
+    head = plain_head(student, "student")
+    hidden = last_hidden_rows(student, batch, mask)
+    labels = batch["labels"][mask]
+    return fused_head_loss(loss, hidden, head.weight, labels, num_tokens, bias=head.bias, vocab_size=vocab_size, **teacher_inputs)
+
+
+def fused_head_loss(
+    loss: RowwiseLoss,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    num_tokens: Tensor,
+    *,
+    bias: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> LossOutput:
+    """``loss`` on logits h Wᵀ + b (first ``vocab_size`` rows of both heads), without materialising them.
+
+    ``hidden`` (N, H) and ``teacher_hidden`` (N, H_t) are the labelled rows, ``labels`` (N,).
+    Chunks are ``loss.rows_per_chunk(V)`` rows (``loss.chunk_size``; null: one chunk of all rows).
+    """
+    if not isinstance(loss, RowwiseLoss) or not loss.chunkable:
+        raise ValueError(
+            f"loss.fused_head=true needs a token-sum objective (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), but "
+            f"{type(loss).__name__} with these settings is not one (e.g. rlkd's dynamic_weighting averages over the "
+            "batch); set loss.fused_head=false"
+        )
+    vocab = _shared_vocab(vocab_size, weight, teacher_weight)
+    chunk = max(1, loss.rows_per_chunk(vocab) or hidden.shape[0])
+    sink: dict = {}
+    student, teacher = (hidden, weight, bias), (teacher_hidden, teacher_weight, teacher_bias)
+    value = _FusedHead.apply(*student, *teacher, labels, num_tokens, vocab, chunk, loss.dense, sink)
+    return LossOutput(loss=value, logs=sink["logs"], per_token=sink["per_token"])
+
+
+def _shared_vocab(vocab_size: int | None, weight: Tensor, teacher_weight: Tensor | None) -> int:
+    """The compared vocabulary: ``vocab_size`` rows of both heads, or the whole heads when they are equal."""
+    rows = [weight.shape[0]] + ([teacher_weight.shape[0]] if teacher_weight is not None else [])
+    vocab = vocab_size or rows[0]
+    if min(rows) < vocab or (vocab_size is None and len(set(rows)) > 1):
+        raise ValueError(
+            f"the output heads have {rows} rows (student, teacher) and the distillation vocabulary is {vocab_size}: "
+            "each head must cover it, and heads of different sizes need module.vocab_size (the shared vocabulary)"
+        )
+    return vocab
+
+
+class _FusedHead(torch.autograd.Function):
+    """Forward: Σ_chunks dense(h Wᵀ + b, teacher's) and the gradients w.r.t. h, W, b, chunk by chunk.
+    Backward: those gradients × grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, labels, num_tokens, vocab, chunk, dense, sink):
+        # the heads' rows of the shared vocabulary (views: nothing is copied)
+        w, b, tw, tb = (t[:vocab] if t is not None else None for t in (weight, bias, teacher_weight, teacher_bias))
+        # a half-precision head accumulates gᵀ h over the chunks in float32, as one matmul would internally
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if ctx.needs_input_grad[2] else None
+        totals = ChunkTotals(hidden.dtype, hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows]
+            teacher = F.linear(teacher_hidden[rows], tw, tb) if teacher_hidden is not None else None
+            out, g = chunk_value_and_grad(dense, F.linear(h, w, b), teacher, labels[rows], num_tokens)
+            totals.add(out)
+            del out, teacher  # freed before the next chunk's logits exist: one chunk alive at a time
+            if g is None:  # an all-masked chunk: its rows' gradient stays 0
+                continue
+            grad_hidden[rows] = torch.mm(g.to(w.dtype), w)
+            if grad_weight is not None:
+                grad_weight[:vocab].addmm_(g.t().to(acc), h.to(acc))  # in place: no (V, H) temporary per chunk
+            if grad_bias is not None:
+                grad_bias[:vocab] += g.sum(0).to(acc)
+            del g
+        totals.write(sink)
+        ctx.save_for_backward(
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        return totals.loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        # in place, as in kdlab.losses.chunked._Chunked: the graph runs backward once
+        grads = [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors]
+        return *grads, None, None, None, None, None, None, None, None, None
