@@ -9,6 +9,7 @@ agreement, the samples table), which ``python -m kdlab.evaluate`` shares.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import lightning as L
 import torch
@@ -21,7 +22,7 @@ from kdlab.losses.fused import fused_training_loss
 from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
-from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample
+from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample, token_logprobs
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -225,9 +226,15 @@ class DistillModule(L.LightningModule):
                 domain=batch["domain"],
                 num_tokens=self._num_tokens(text["labels"]),
             )
+        teacher_logits = self.teacher_logits(inputs)
+        stats = self._rollout_buffer.stats
+        if rollout.logp_teacher is None:
+            # the student sampled alone: this forward scores its tokens (one teacher forward per step, not two)
+            rollout = replace(rollout, logp_teacher=token_logprobs(teacher_logits, labels))
+            stats = {**stats, "rev_kl": rollout.sequence_reverse_kl().mean()}
         kd_batch = RolloutKDBatch(
             student_logits=self.logits(self.student, inputs),
-            teacher_logits=self.teacher_logits(inputs),
+            teacher_logits=teacher_logits,
             labels=labels,
             domain=rollout.domain,
             num_tokens=self._num_tokens(labels),
@@ -235,12 +242,12 @@ class DistillModule(L.LightningModule):
             sample_logprobs=rollout.logp_sample,
             teacher_logprobs=rollout.logp_teacher,
             plain=plain,
-            stats=self._rollout_buffer.stats,
+            stats=stats,
         )
         return self._log_loss(self.loss(kd_batch), kd_batch.domain)
 
     @torch.no_grad()
-    def _sample(self, prompt_ids: Tensor, prompt_mask: Tensor, teacher_mix: float):
+    def _sample(self, prompt_ids: Tensor, prompt_mask: Tensor, teacher_mix: float, score_teacher: bool = True):
         """Rollouts of left-padded prompts; the student samples in eval mode (no dropout), as it is
         then the policy whose log-probs the loss treats as q_old."""
         settings = self.loss.rollout
@@ -260,6 +267,7 @@ class DistillModule(L.LightningModule):
                 teacher_mix=teacher_mix,
                 vocab_size=self.vocab_size,
                 generator=self._rollout_generator,
+                score_teacher=score_teacher,
                 **settings.sampling,
             )
         finally:

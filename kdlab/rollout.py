@@ -194,6 +194,7 @@ def sample(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     step_teacher: bool | None = None,
+    score_teacher: bool = True,
 ) -> Rollout:
     """Sample continuations of left-padded prompts, token by token, until <eos> or ``max_new_tokens``.
 
@@ -205,7 +206,9 @@ def sample(
     The teacher steps beside the student only when it takes part in sampling (``teacher_mix > 0``,
     MiniLLM); otherwise the student samples alone at generation speed and the finished sequences
     are scored by one teacher forward pass (the same ``logp_teacher``). ``step_teacher=True``
-    forces the stepping path (the benchmark's reference).
+    forces the stepping path (the benchmark's reference). ``score_teacher=False`` skips that
+    scoring forward (``logp_teacher`` is then None): for a caller that runs the teacher on the
+    sequences anyway and takes the log-probs from there (:func:`token_logprobs`, the training step).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -270,7 +273,7 @@ def sample(
     sequences, attention_mask = sequences[:, :width], attention_mask[:, :width]
     if lp_teacher:
         logp_teacher = aligned(torch.stack(lp_teacher, 1), 0.0)
-    elif teacher is not None:  # the student sampled alone: one teacher forward scores its tokens
+    elif teacher is not None and score_teacher:  # the student sampled alone: one teacher forward scores its tokens
         logp_teacher = _score(teacher, sequences, attention_mask, response_mask, vocab_size)
     else:
         logp_teacher = None
@@ -288,10 +291,16 @@ def _score(model, sequences: Tensor, attention_mask: Tensor, response_mask: Tens
     """log p(token t+1 | tokens ≤ t) at the response positions (aligned like a batch's labels), 0 elsewhere."""
     logits = model(input_ids=sequences, attention_mask=attention_mask).logits
     logits = logits if vocab_size is None else logits[..., :vocab_size]
-    out = torch.zeros(sequences.shape, dtype=torch.float32, device=sequences.device)
-    rows, cols = response_mask.nonzero(as_tuple=True)
-    picked = logits[rows, cols].float().log_softmax(-1).gather(-1, sequences[rows, cols + 1][:, None]).squeeze(-1)
-    out[rows, cols] = picked
+    labels = torch.full_like(sequences, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(response_mask[:, :-1], sequences[:, 1:], IGNORE_INDEX)
+    return token_logprobs(logits, labels)
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] at the labelled positions (float32), 0 elsewhere; only those rows are normalised."""
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+    out[rows, cols] = logits[rows, cols].float().log_softmax(-1).gather(-1, labels[rows, cols][:, None]).squeeze(-1)
     return out
 
 
@@ -370,7 +379,9 @@ def plain_text_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return labels
 
 
-Sampler = Callable[[Tensor, Tensor, float], Rollout]  # (prompt_ids, prompt_mask, teacher_mix) -> Rollout
+# (prompt_ids, prompt_mask, teacher_mix, score_teacher=...) -> Rollout; with score_teacher=False a
+# student-only rollout may come without logp_teacher (the training step scores it with its own teacher forward)
+Sampler = Callable[..., Rollout]
 
 
 class RolloutBuffer:
@@ -382,7 +393,8 @@ class RolloutBuffer:
     expectation as GKD's coin flip, without its run-to-run noise). ``stats`` holds the last
     refresh's statistics: ``gen_length`` (mean sampled tokens per rollout) and ``rev_kl`` (mean
     Σ_t log q − log p over student samples of the same prompts, as MiniLLM logs it: the
-    sequence-level KL(q‖p) when sampling at temperature 1 without top-k/top-p).
+    sequence-level KL(q‖p) when sampling at temperature 1 without top-k/top-p; with
+    ``teacher_mix = 0`` the training step adds it from the mini-batch it scores).
     """
 
     def __init__(self, settings: RolloutSettings, seed: int = 0):
@@ -427,14 +439,13 @@ class RolloutBuffer:
         n = s.num_rollouts or batch["prompt_ids"].shape[0]
         rows = prompted[torch.arange(n, device=prompted.device) % len(prompted)]
         prompts, prompt_mask = batch["prompt_ids"][rows], batch["prompt_mask"][rows]
-        rollout = sampler(prompts, prompt_mask, s.teacher_mix)
+        rollout = sampler(prompts, prompt_mask, s.teacher_mix, score_teacher=False)
         self.rollout = replace(rollout, domain=batch["domain"][rows] if "domain" in batch else None)
         self.stats = {"gen_length": rollout.lengths.float().mean()}
-        if rollout.logp_teacher is not None:
-            if s.teacher_mix == 0:
-                self.stats["rev_kl"] = rollout.sequence_reverse_kl().mean()
-            elif s.log_student_rev_kl:  # the authors' code samples the student alone for this, too
-                self.stats["rev_kl"] = sampler(prompts, prompt_mask, 0.0).sequence_reverse_kl().mean()
+        # rev_kl of student samples: with teacher_mix = 0 the training step logs it from its own teacher
+        # forward (the rollout is not scored here); the authors' code samples the student alone for it, too
+        if s.teacher_mix > 0 and s.log_student_rev_kl:
+            self.stats["rev_kl"] = sampler(prompts, prompt_mask, 0.0, score_teacher=True).sequence_reverse_kl().mean()
         mini = s.mini_batch_size or n
         device = rows.device
         self.queue = [

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 from kdlab.data.suite import build_tokenizer
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.models import from_config
-from kdlab.rollout import RolloutBuffer, RolloutSettings, plain_text_labels, sample, sampling_log_probs
+from kdlab.rollout import RolloutBuffer, RolloutSettings, plain_text_labels, sample, sampling_log_probs, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +137,15 @@ def test_student_alone_sampling_scores_the_teacher_in_one_forward_as_stepping_wo
     assert torch.equal(scored.sequences, stepped.sequences) and torch.equal(scored.logp_student, stepped.logp_student)
     assert torch.allclose(scored.logp_teacher, stepped.logp_teacher, atol=1e-5)
 
+    # the training step instead skips the scoring forward and takes the log-probs from its own
+    # teacher forward on the same sequences (one teacher forward per on-policy step)
+    calls.clear()
+    unscored = run(pair, tok, ids, mask, teacher_mix=0.0, score_teacher=False)
+    assert unscored.logp_teacher is None and sum(calls) == 0
+    with torch.no_grad():
+        teacher_logits = teacher(**unscored.model_inputs()).logits
+    assert torch.allclose(token_logprobs(teacher_logits, unscored.labels), scored.logp_teacher, atol=1e-6)
+
 
 def test_kv_cache_path_equals_no_cache_path(pair, tok):
     ids, mask = left_padded(PROMPTS, 7)
@@ -199,7 +208,7 @@ def fake_rollout(prompts):
 def test_buffer_refreshes_serves_epochs_of_mini_batches_and_spreads_the_fraction():
     calls = []
 
-    def sampler(prompts, mask, mix):
+    def sampler(prompts, mask, mix, score_teacher=True):
         calls.append((prompts.shape[0], mix))
         return fake_rollout(prompts)
 
