@@ -5,6 +5,7 @@ import contextlib
 import csv
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,6 +283,35 @@ def rollout_batch(alpha=0.2, with_plain=True):
         plain=plain,
         stats={"gen_length": r.lengths.float().mean()},
     ), r
+
+
+def test_unlabelled_positions_never_reach_the_loss():
+    """Prompt and padding logits are not read: replacing them by NaN leaves loss and gradients unchanged."""
+    batch, _ = rollout_batch(with_plain=False)
+    student = batch.student_logits.detach().double().requires_grad_(True)
+    poisoned = torch.where(batch.mask[..., None], student.detach(), torch.full_like(student, float("nan"))).requires_grad_(True)
+    losses, grads = [], []
+    for logits in (student, poisoned):
+        out = MiniLLM(lm_coef=0.0)(replace(batch, student_logits=logits, teacher_logits=batch.teacher_logits.double()))
+        (g,) = torch.autograd.grad(out.loss, logits)
+        losses.append(out.loss)
+        grads.append(torch.where(batch.mask[..., None], g, torch.zeros_like(g)))
+    assert torch.isfinite(losses[1]) and torch.allclose(losses[0], losses[1], atol=1e-12)
+    assert torch.allclose(grads[0], grads[1], atol=1e-12)
+
+    class SoftmaxRows(torch.overrides.TorchFunctionMode):
+        """Records how many rows every softmax over the vocabulary sees."""
+
+        rows: list[int] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("log_softmax", "softmax"):
+                self.rows.append(args[0].numel() // args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    with SoftmaxRows() as mode:
+        MiniLLM(lm_coef=0.0)(batch)
+    assert mode.rows and max(mode.rows) == int(batch.mask.sum()) < batch.mask.numel()
 
 
 def test_loss_terms_and_logs_at_the_old_policy():

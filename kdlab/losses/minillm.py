@@ -35,7 +35,6 @@ unbiased estimate of ∇KL[q_θ‖p] (tests/test_minillm.py checks this against 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kdlab.losses.base import KDBatch, LossOutput, masked_mean
@@ -213,8 +212,11 @@ class MiniLLM:
         if batch.teacher_logits is None or batch.teacher_logprobs is None:
             raise ValueError("MiniLLM needs the teacher's logits and log-probs on the rollouts")
         mask = batch.mask
-        log_q = F.log_softmax(batch.student_logits.float(), dim=-1)
-        logprobs = log_q.gather(-1, batch.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        # only the sampled positions reach a softmax over the vocabulary (prompt and padding rows carry no label)
+        student_valid = batch.student_logits[mask]
+        student_valid = student_valid.to(torch.promote_types(student_valid.dtype, torch.float32))  # bf16 → fp32; fp64 stays
+        logprobs = torch.zeros(mask.shape, dtype=student_valid.dtype, device=mask.device)
+        logprobs[mask] = student_valid.log_softmax(-1).gather(-1, batch.labels[mask].unsqueeze(-1)).squeeze(-1)
 
         rewards = token_rewards(
             batch.teacher_logprobs, batch.old_logprobs, mask, reward_scaling=self.reward_scaling, reward_clip=self.reward_clip
@@ -231,7 +233,8 @@ class MiniLLM:
         logs = {"pg": pg.detach()}
 
         if self.single_step:
-            kl_tok = reverse_kl(batch.student_logits, batch.teacher_logits, batch.labels)  # exact over V, teacher no_grad
+            kl_tok = torch.zeros_like(logprobs)  # exact over V on the sampled positions, teacher no_grad
+            kl_tok[mask] = reverse_kl(student_valid, batch.teacher_logits[mask]).to(kl_tok.dtype)
             if self.weight_single_step:
                 kl_tok = weights * kl_tok
             single = masked_mean(kl_tok, mask, batch.num_tokens)
