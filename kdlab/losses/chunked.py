@@ -63,7 +63,7 @@ class RowwiseLoss:
 # ``chunk_size: auto``: chunks of 2^23 logits (32 MiB in float32; 55 rows at V = 151,936, 262 at
 # V = 32,000), large enough to keep the kernels efficient, small enough that a chunk's softmaxes
 # stay a small fraction of an (N, V) tensor at real batch sizes. A batch that fits in one chunk (the
-# built-in suite's 45-token vocabulary) runs densely, with no overhead.
+# built-in suite's 46-token vocabulary) runs densely, with no overhead.
 AUTO_CHUNK_ELEMENTS = 2**23
 
 
