@@ -163,17 +163,29 @@ def ddk_gaps(metrics: dict) -> dict:
             **{f"gap/{d}": r for d, r in ratios.items()}}
 
 
+def exposure_configs():
+    """The MiniLLM protocol's config (its teacher's cache key is the runs') and the same restricted to
+    the story domain (its test prompts). The teacher must come from the first: its key hashes the
+    data, so a story-only config would train and use another teacher."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={MINILLM.experiment}"])
+        story = compose("train", overrides=[f"experiment={MINILLM.experiment}", "data.splits.domains=[story]"])
+    return cfg, story
+
+
 def exposure_metrics(run_dir: Path, seed: int) -> dict:
     """ExAccErr at EXPOSURE_LENGTH on the story domain's test prompts, and the sequence-level reverse KL.
 
-    The exported student against the cached teacher, both in eval mode, 4 samples per prompt from a
-    generator seeded by the run's seed (the same prompts and sample count for every variant).
+    The exported student against the protocol's cached teacher (trained on all six domains, the
+    one the runs distilled), both in eval mode, 4 samples per prompt from a generator seeded by
+    the run's seed (the same prompts and sample count for every variant).
     """
     out_file = run_dir / "exposure.json"
     if out_file.exists():
         return json.loads(out_file.read_text())
     import torch
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from transformers import AutoModelForCausalLM
 
@@ -183,11 +195,10 @@ def exposure_metrics(run_dir: Path, seed: int) -> dict:
     from kdlab.train import build_model
 
     torch.set_num_threads(1)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={MINILLM.experiment}", "data.splits.domains=[story]"])
+    cfg, story_cfg = exposure_configs()
     tokenizer = instantiate(cfg.model.tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    teacher = build_model(cfg, "teacher", tokenizer, datamodule).eval()  # the cached teacher (trained on all six domains)
+    teacher = build_model(cfg, "teacher", tokenizer, instantiate(cfg.data, tokenizer=tokenizer)).eval()
+    datamodule = instantiate(story_cfg.data, tokenizer=tokenizer)  # the story prompts only
     student = AutoModelForCausalLM.from_pretrained(run_dir / "student", local_files_only=True).eval()
     vocab = distillation_vocab_size(teacher, student, tokenizer)
     generator = torch.Generator().manual_seed(1000 + seed)

@@ -45,3 +45,20 @@ def test_table_reports_each_claim_with_its_verdict():
     text = table("main", protocol, results, [0, 1, 2])
     assert text.count("| reproduced |") == len(protocol.claims)  # every distilled row is +1.0 over ce, on every seed
     assert "+1.0000 [+1.0000, +1.0000]" in text
+
+
+def test_exposure_uses_the_protocols_teacher_and_the_story_prompts():
+    """The teacher's cache key hashes the data: it must come from the protocol's six-domain config
+    (the teacher the runs distilled), only the prompts from the story-only one."""
+    from omegaconf import OmegaConf
+
+    from bench.reproduce import exposure_configs
+
+    cfg, story = exposure_configs()
+    assert list(cfg.data.splits.domains) == ["copy", "reverse", "sort", "add", "grammar", "story"]
+    assert list(story.data.splits.domains) == ["story"]
+    assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(story.model)
+    def splits_but_domains(c):
+        return {k: v for k, v in OmegaConf.to_container(c.data.splits).items() if k != "domains"}
+
+    assert splits_but_domains(cfg) == splits_but_domains(story)
