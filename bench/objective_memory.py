@@ -15,6 +15,12 @@ For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd,
    head's cost too, and both produce the same gradients w.r.t. h and W. Those gradients, (N + V)·H
    floats, are a floor that no method avoids (``floor`` in the header; ``fused-floor`` is what the
    fused path keeps above it: the chunk's logits and softmaxes).
+3. With ``--prompt-fraction f`` (e.g. 0.5: instruction data whose prompts are as long as their
+   answers), the first f·N positions carry ``labels == -100``; inputs are hidden states and heads
+   as in 2. ``all rows`` applies both heads to every position and hands the objective every row,
+   masked ones included (the cost before rows were selected); ``labelled`` applies the heads to
+   the labelled positions only (``kdlab.heads.labelled_logits``, what ``DistillModule`` does),
+   dense and chunked objectives; ratios labelled / all rows. Memory is in (N, V) tensors of all N.
 
 Memory is the peak above the inputs, in units of one (N, V) float32 tensor; the gradients that
 every backward pass produces (the student logits', or h's and W's) are included. On CPU each
@@ -39,15 +45,18 @@ OBJECTIVES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
-def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: str, mode: str, hidden: int) -> dict:
-    """One forward + backward in this process (``mode``: logits, head or fused); returns extra peak bytes and seconds."""
+def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: str, mode: str, hidden: int,
+            prompt_fraction: float = 0.0) -> dict:
+    """One forward + backward in this process (``mode``: logits, head, fused, or masked / selected: the
+    heads on every position or on the labelled ones only, the first ``prompt_fraction`` being
+    unlabelled); returns the extra peak memory in (N, V) tensors and the seconds."""
     import resource
 
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from kdlab.losses.base import KDBatch
+    from kdlab.losses.base import IGNORE_INDEX, KDBatch
     from kdlab.losses.fused import fused_head_loss
 
     torch.manual_seed(0)
@@ -55,6 +64,7 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     cfg.chunk_size = chunk
     loss = instantiate(cfg)
     labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[: int(prompt_fraction * rows)] = IGNORE_INDEX  # the prompt positions (masked / selected modes)
     if mode == "logits":
         student = torch.randn(1, rows, vocab, device=device, requires_grad=True)
         teacher = torch.randn(1, rows, vocab, device=device)
@@ -72,10 +82,12 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     if mode == "fused":
         out = fused_head_loss(loss, h, w, labels, torch.tensor(rows, device=device), teacher_hidden=h_t, teacher_weight=w_t)
     else:
-        if mode == "head":
-            student = (h @ w.T).unsqueeze(0)
+        if mode in ("head", "masked", "selected"):
+            keep = labels != IGNORE_INDEX if mode == "selected" else slice(None)
+            student = (h[keep] @ w.T).unsqueeze(0)
             with torch.no_grad():
-                teacher = (h_t @ w_t.T).unsqueeze(0)
+                teacher = (h_t[keep] @ w_t.T).unsqueeze(0)
+            labels = labels[keep]
         out = loss(KDBatch(student_logits=student, teacher_logits=teacher, labels=labels.unsqueeze(0)))
     out.loss.backward()
     if device == "cuda":
@@ -91,7 +103,7 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
 def run_one(args, name: str, vocab: int, chunk: str, mode: str) -> dict:
     """One measurement in a fresh process (its peak memory is its own)."""
     cmd = [sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--hidden", str(args.hidden)]
-    cmd += ["--one", name, str(vocab), chunk, args.device, mode]
+    cmd += ["--prompt-fraction", str(args.prompt_fraction), "--one", name, str(vocab), chunk, args.device, mode]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -103,12 +115,19 @@ def main() -> None:
     parser.add_argument("--chunk", default="auto", help="the chunked and fused columns' loss.chunk_size: auto (the conf/loss default) or rows")
     parser.add_argument("--hidden", type=int, default=896, help="hidden size H of the head and fused columns (896: Qwen2-0.5B); 0 = logits only")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompt-fraction", type=float, default=0.0,
+                        help="> 0: also measure logits whose first fraction of rows is unlabelled, all rows vs labelled rows only")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # name vocab chunk device mode: run one measurement
     args = parser.parse_args()
     if args.one:
         name, vocab, chunk, device, mode = args.one
         chunk = chunk if chunk == "auto" else (int(chunk) or None)
-        print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden)))
+        print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden, args.prompt_fraction)))
+        return
+    if args.prompt_fraction > 0:
+        if args.hidden <= 0:
+            parser.error("--prompt-fraction measures from hidden states and heads: give --hidden > 0")
+        labelled_rows_table(args)
         return
     heads = args.hidden > 0
     print(f"forward + backward, N = {args.rows} rows, {args.device}; extra peak memory in (N, V) float32 tensors; chunked and fused: loss.chunk_size={args.chunk}")
@@ -134,6 +153,22 @@ def main() -> None:
                     f"{fused['seconds']:7.2f}s {fused['seconds'] / head['seconds']:8.2f}"
                 )
             print(line, flush=True)
+
+
+def labelled_rows_table(args) -> None:
+    """Part 3: the objective on every row (masked ones included) vs on the labelled rows only."""
+    print(f"forward + backward from (N, {args.hidden}) hidden states and (V, {args.hidden}) heads, N = {args.rows} positions of which "
+          f"the first {args.prompt_fraction:.0%} are unlabelled (prompt), {args.device}; extra peak memory in (N, V) float32 "
+          f"tensors; chunked: loss.chunk_size={args.chunk}")
+    print(f"{'objective':10s} {'V':>7s} {'path':8s} {'all rows':>9s} {'labelled':>9s} {'mem ratio':>10s} "
+          f"{'t all':>8s} {'t labelled':>11s} {'t ratio':>8s}")
+    for vocab in args.vocab:
+        for name in OBJECTIVES:
+            for path, chunk in (("dense", "0"), ("chunked", args.chunk)):
+                every, labelled = run_one(args, name, vocab, chunk, "masked"), run_one(args, name, vocab, chunk, "selected")
+                print(f"{name:10s} {vocab:7d} {path:8s} {every['extra']:9.2f} {labelled['extra']:9.2f} "
+                      f"{labelled['extra'] / every['extra']:10.2f} {every['seconds']:7.2f}s {labelled['seconds']:10.2f}s "
+                      f"{labelled['seconds'] / every['seconds']:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

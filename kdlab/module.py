@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kdlab.evaluation import Evaluation
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
-from kdlab.losses.chunked import valid_rows
+from kdlab.heads import labelled_logits
 from kdlab.losses.fused import fused_training_loss
 from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
@@ -121,6 +121,15 @@ class DistillModule(L.LightningModule):
     def teacher_logits(self, batch: dict) -> Tensor:
         return self.logits(self.teacher, batch)
 
+    def labelled_logits(self, model, batch: dict, mask: Tensor) -> Tensor:
+        """(1, N, V) logits of the N positions of ``mask``: the head runs on those rows only (kdlab/heads.py).
+
+        Under FSDP the model's own forward computes them (its head's weight is only whole inside
+        its FSDP unit's forward), and the rows are selected after.
+        """
+        sharded = self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
+        return labelled_logits(model, batch, mask, self.vocab_size, through_head=not sharded)
+
     def _num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
         """The normaliser that makes an optimiser step's loss Σ(valid tokens) / N(valid tokens).
 
@@ -157,17 +166,21 @@ class DistillModule(L.LightningModule):
         # The teacher runs first: run after the student, its forward competes for memory with the
         # student's live autograd graph, which cost ~25% of a step on CPU (bench/step_overhead.py).
         needs_teacher = getattr(self.loss, "needs_teacher", True) and teacher_sparse is None
-        teacher_logits = self.teacher_logits(batch) if needs_teacher else None
+        # only labelled positions reach the heads and the objective's softmaxes (prompts and padding
+        # carry no label): every tensor below is one row of the N labelled tokens
+        mask = batch["labels"] != IGNORE_INDEX
+        teacher_logits = None
+        if needs_teacher:
+            with torch.no_grad():
+                teacher_logits = self.labelled_logits(self.teacher, batch, mask)
         kd_batch = KDBatch(
-            student_logits=self.logits(self.student, batch),
+            student_logits=self.labelled_logits(self.student, batch, mask),
             teacher_logits=teacher_logits,
-            labels=batch["labels"],
-            domain=batch["domain"],
+            labels=batch["labels"][mask].unsqueeze(0),
             num_tokens=self._num_tokens(batch["labels"], batch),
-            teacher_sparse=teacher_sparse,
+            teacher_sparse=teacher_sparse.map(lambda t: t[mask].unsqueeze(0)) if teacher_sparse is not None else None,
         )
-        # only labelled positions reach the objective's softmaxes (prompts and padding carry no label)
-        return self._log_loss(self.loss(valid_rows(kd_batch)), batch["domain"])
+        return self._log_loss(self.loss(kd_batch), batch["domain"])
 
     def _log_loss(self, out, domain: Tensor | None) -> Tensor:
         if not torch.isfinite(out.loss):

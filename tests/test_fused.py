@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, LlamaModel, Qwen2Config
 
 from kdlab.data.suite import build_tokenizer
+from kdlab.heads import plain_head
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import RowwiseLoss, valid_rows
 from kdlab.losses.divergences import available_losses, load_loss
-from kdlab.losses.fused import fused_head_loss, plain_head
+from kdlab.losses.fused import fused_head_loss
 from kdlab.module import DistillModule
 
 LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"

@@ -306,10 +306,13 @@ def test_a_cache_that_is_not_the_batch_records_stops_the_run(tiny_parts, tmp_pat
 
 # -- runs -------------------------------------------------------------------------------------------
 def test_two_jobs_share_one_cache_and_run_no_teacher_forward_in_training(tmp_path, cache_dir, monkeypatch, caplog):
-    def no_teacher_forward(self, batch):
+    def no_teacher_forward(self, *args):
         raise AssertionError("the teacher ran in a training step although the batch carried cached signals")
 
+    labelled = DistillModule.labelled_logits
     monkeypatch.setattr(DistillModule, "teacher_logits", no_teacher_forward)  # train_only: no validation either
+    monkeypatch.setattr(DistillModule, "labelled_logits",
+                        lambda self, model, *a: no_teacher_forward(self) if model is self.teacher else labelled(self, model, *a))
     builds = []
     original = teacher_cache.build
     monkeypatch.setattr(teacher_cache, "build", lambda *a, **kw: builds.append(a[0]) or original(*a, **kw))
@@ -329,10 +332,15 @@ def test_two_jobs_share_one_cache_and_run_no_teacher_forward_in_training(tmp_pat
 
 def test_a_dense_run_still_runs_the_teacher(tiny_cfg, monkeypatch):
     calls = []
-    original = DistillModule.teacher_logits
-    monkeypatch.setattr(DistillModule, "teacher_logits", lambda self, batch: calls.append(1) or original(self, batch))
+    original = DistillModule.labelled_logits
+
+    def spy(self, model, batch, mask):
+        calls.append(model is self.teacher)
+        return original(self, model, batch, mask)
+
+    monkeypatch.setattr(DistillModule, "labelled_logits", spy)
     run(tiny_cfg("loss=fkl", "train_only=true", "trainer.max_steps=2"))
-    assert len(calls) == 2
+    assert calls.count(True) == 2  # one teacher forward per training step
 
 
 class _DenseOnly:

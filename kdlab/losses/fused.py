@@ -20,44 +20,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdlab.heads import last_hidden_rows, plain_head
 from kdlab.losses.base import IGNORE_INDEX, LossOutput
 from kdlab.losses.chunked import ChunkTotals, RowwiseLoss, chunk_value_and_grad
-
-# config fields by which transformers' causal LMs change h Wᵀ: caps (set = active) and scales
-# (active unless 1). Gemma 2/3, nanochat: softcapping; Cohere: logit_scale; Granite, MiniCPM3,
-# HyperCLOVA X: logits_scaling; others output_multiplier.
-_LOGIT_CAPS = ("final_logit_softcapping",)
-_LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
-
-
-def plain_head(model, role: str) -> nn.Linear:
-    """``model``'s output head, if its logits are exactly that head applied to ``model.base_model``'s output."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    name = type(model).__name__
-    fix = "set loss.fused_head=false (the chunked path computes the model's own logits)"
-    if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
-        raise ValueError(
-            f"loss.fused_head=true needs the {role}'s logits to be a linear head on a base model's last hidden "
-            f"state, but {name} has output embeddings {type(head).__name__} and base model "
-            f"{type(getattr(model, 'base_model', model)).__name__}; {fix}"
-        )
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for field in _LOGIT_CAPS + _LOGIT_SCALES:
-        value = getattr(config, field, None)
-        if value is not None and (field in _LOGIT_CAPS or value != 1):
-            raise ValueError(
-                f"loss.fused_head=true computes the {role}'s logits as its head times its last hidden state, but "
-                f"{name} transforms them ({field}={value}), so the fused values would differ from the model's; {fix}"
-            )
-    return head
-
-
-def last_hidden_rows(model, batch: dict, mask: Tensor) -> Tensor:
-    """The base model's last hidden states at the labelled positions: (N, H), what the head would see."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return hidden[mask]
 
 
 def fused_training_loss(loss, student, teacher, batch: dict, vocab_size: int | None, num_tokens: Tensor) -> LossOutput:
