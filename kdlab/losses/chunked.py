@@ -168,7 +168,8 @@ def valid_rows(batch: KDBatch) -> KDBatch:
     """The batch reduced to its labelled positions, as one row of N tokens: (1, N, V) logits.
 
     Prompt and padding positions carry no label and never reach a softmax over the vocabulary.
-    (``DistillModule`` selects these rows earlier, before the output heads: kdlab/heads.py.) ``num_tokens`` (the step's normaliser) is kept; ``domain`` (per sequence) no longer applies.
+    (``DistillModule`` selects these rows earlier, before the output heads: kdlab/heads.py.)
+    ``num_tokens`` (the step's normaliser) is kept; ``domain`` (per sequence) no longer applies.
     """
     keep = batch.mask
     return replace(
