@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from kdlab.evaluation import Evaluation
-from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.heads import labelled_logits
+from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.fused import fused_training_loss
 from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
