@@ -12,6 +12,8 @@ and never materialises the labelled rows' logits either; it refuses such models.
 
 from __future__ import annotations
 
+import weakref
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,10 +22,20 @@ from torch import Tensor, nn
 # HyperCLOVA X: logits_scaling; others output_multiplier.
 _LOGIT_CAPS = ("final_logit_softcapping",)
 _LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
+_HEAD_PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> head_problem(model)
 
 
 def head_problem(model) -> str | None:
-    """Why ``model``'s logits are not its output head applied to ``model.base_model``'s output, or None."""
+    """Why ``model``'s logits are not its output head applied to ``model.base_model``'s output, or None.
+
+    Computed once per model (training steps ask at every step; a model's head and config do not change).
+    """
+    if model not in _HEAD_PROBLEMS:
+        _HEAD_PROBLEMS[model] = _find_head_problem(model)
+    return _HEAD_PROBLEMS[model]
+
+
+def _find_head_problem(model) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or getattr(model, "base_model", model) is model:
         return (

@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torch import Tensor
 
@@ -127,7 +128,7 @@ class DistillModule(L.LightningModule):
         Under FSDP the model's own forward computes them (its head's weight is only whole inside
         its FSDP unit's forward), and the rows are selected after.
         """
-        sharded = self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         return labelled_logits(model, batch, mask, self.vocab_size, through_head=not sharded)
 
     def _num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
