@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
+from kdlab import cache
 from kdlab.data.sampler import DomainMixtureSampler
 from kdlab.losses.divergences import CrossEntropy
 from kdlab.module import DistillModule
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 RECIPE_VERSION = 2  # bump when the CE training below changes: every cached model is then retrained
-MANIFEST = "kdlab-cache.json"  # written last: the recipe version and a checksum of every weight file
+MANIFEST = cache.MANIFEST  # written last: the recipe version and a checksum of every weight file
 
 
 def cache_key(*parts) -> str:
@@ -49,31 +48,14 @@ def data_fingerprint(datamodule) -> str:
     return digest.hexdigest()[:16]
 
 
-def _checksums(folder: Path) -> dict[str, str]:
-    files = sorted(p for pattern in ("*.safetensors", "*.bin") for p in folder.glob(pattern))
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+WEIGHTS = ("*.safetensors", "*.bin")
 
 
 def load_cached(path: Path, role: str):
     """The model cached at ``path``, or None (with a log line saying why) if the entry is incomplete,
     from another recipe version, or its weights do not match the checksums recorded at save time."""
-    manifest = path / MANIFEST
-    if not path.exists():
+    if cache.load(path, {"recipe_version": RECIPE_VERSION}, WEIGHTS, role) is None:
         return None
-    reason = None
-    if not manifest.is_file():
-        reason = "it has no manifest (an interrupted write or an older kdlab)"
-    else:
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("recipe_version") != RECIPE_VERSION:
-            reason = f"it was trained by recipe version {recorded.get('recipe_version')}, this kdlab's is {RECIPE_VERSION}"
-        elif recorded.get("checksums") != _checksums(path):
-            reason = "its weights do not match the checksums recorded when it was saved (a corrupted file)"
-    if reason:
-        log.warning("The cached %s at %s is not used: %s; training it again", role, path, reason)
-        shutil.rmtree(path, ignore_errors=True)
-        return None
-    log.info("Loading the cached %s from %s", role, path)
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
 
 
@@ -114,15 +96,12 @@ def load_or_train(model, training: DictConfig, key: str, cache_dir: str, tokeniz
     sampler = DomainMixtureSampler(datamodule.domain_indices, seed=training.seed)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(sampler, batch_size=training.get("batch_size")))
     check_trained(trainer, model, what=role)  # a diverged or untrained model is never cached
-    # Write to a temporary folder and rename, so an interrupted run never leaves half a model
-    # that later runs would load; the manifest (recipe version, checksums) is written last.
-    tmp = path.with_name(f"{key}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MANIFEST).write_text(json.dumps({"recipe_version": RECIPE_VERSION, "checksums": _checksums(tmp)}, indent=2))
-    if path.exists():
-        shutil.rmtree(tmp)  # another process cached it meanwhile; keep theirs
-    else:
-        tmp.rename(path)
+    # Written atomically with its manifest (kdlab/cache.py): an interrupted run never leaves half a
+    # model that later runs would load.
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    cache.write(path, fill, {"recipe_version": RECIPE_VERSION}, WEIGHTS)
     log.info("%s cached at %s", role.capitalize(), path)
     return model

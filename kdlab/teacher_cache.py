@@ -39,8 +39,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,9 +47,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdlab import cache
+from kdlab.cache import MANIFEST
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import SparseTeacher, sparse_teacher
-from kdlab.pretrain import MANIFEST, cache_key, data_fingerprint
+from kdlab.pretrain import cache_key, data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -233,42 +233,14 @@ class TeacherSignals:
         return view.as_dict()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checksums(folder: Path) -> dict[str, str]:
-    return {f"{name}.npy": _file_sha256(folder / f"{name}.npy") for name in ARRAYS}
+PAYLOAD = tuple(f"{name}.npy" for name in ARRAYS)
 
 
 def load(path: Path, expected: dict) -> TeacherSignals | None:
     """The entry at ``path``, or None (with a warning saying why, and the entry removed) if it is
     incomplete, from another format version or settings, or its arrays do not match their checksums."""
-    if not path.exists():
+    if cache.load(path, {"format_version": FORMAT_VERSION, **expected}, PAYLOAD, "teacher signals") is None:
         return None
-    manifest = path / MANIFEST
-    reason = None
-    if not manifest.is_file():
-        reason = "it has no manifest (an interrupted write)"
-    else:
-        recorded = json.loads(manifest.read_text())
-        if recorded.get("format_version") != FORMAT_VERSION:
-            reason = f"it was written by format version {recorded.get('format_version')}, this kdlab's is {FORMAT_VERSION}"
-        elif any(recorded.get(key) != value for key, value in expected.items()):
-            reason = f"its settings {({key: recorded.get(key) for key in expected})} are not this run's {expected}"
-        elif not all((path / f"{name}.npy").is_file() for name in ARRAYS):
-            reason = "an array file is missing"
-        elif recorded.get("checksums") != _checksums(path):
-            reason = "its arrays do not match the checksums recorded when it was written (a corrupted file)"
-    if reason:
-        log.warning("The cached teacher signals at %s are not used: %s; computing them again", path, reason)
-        shutil.rmtree(path, ignore_errors=True)
-        return None
-    log.info("Loading the cached teacher signals from %s", path)
     return TeacherSignals(path)
 
 
@@ -295,9 +267,13 @@ def build(
     total = int(offsets[-1])
     if total == 0:
         raise ValueError("teacher_cache.k: the training split has no labelled position; there is nothing to cache")
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    settings = {"format_version": FORMAT_VERSION, **_settings(k, vocab_size, temperature, len(records), total)}
+    cache.write(path, lambda tmp: _fill(tmp, teacher, datamodule, records, offsets, k, vocab_size, temperature,
+                                        batch_size, device, forward_context), settings, PAYLOAD)
+
+
+def _fill(tmp: Path, teacher, datamodule, records, offsets, k, vocab_size, temperature, batch_size, device, forward_context) -> None:
+    total = int(offsets[-1])
     shapes = {"values": ((total, k), np.float32), "indices": ((total, k), np.int32), "log_norm": ((total,), np.float32),
               "log_tail": ((total,), np.float32), "labels": ((total,), np.int32), "offsets": ((len(offsets),), np.int64)}
     out = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape) for name, (shape, dtype) in shapes.items()}
@@ -330,12 +306,6 @@ def build(
     for array in out.values():
         array.flush()
     del out
-    manifest = {"format_version": FORMAT_VERSION, **_settings(k, vocab_size, temperature, len(records), total), "checksums": _checksums(tmp)}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if path.exists():
-        shutil.rmtree(tmp)  # another process cached it meanwhile; keep theirs
-    else:
-        tmp.rename(path)
 
 
 def _settings(k: int, vocab_size: int, temperature: float, records: int, positions: int) -> dict:

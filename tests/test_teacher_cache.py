@@ -283,14 +283,14 @@ def test_a_corrupted_or_half_written_entry_is_rebuilt(tiny_parts, tmp_path, capl
     with open(path / "values.npy", "r+b") as f:  # flip bytes in the middle of the values
         f.seek((path / "values.npy").stat().st_size // 2)
         f.write(b"\x7f\x7f\x7f\x7f")
-    with caplog.at_level(logging.INFO, logger="kdlab.teacher_cache"):
+    with caplog.at_level(logging.INFO):
         again = prepare(5, tok, dm, teacher, tmp_path)
-    assert "are not used: its arrays do not match the checksums" in caplog.text
+    assert "is not used: its files do not match the checksums" in caplog.text
     assert "Computing the teacher's top-5" in caplog.text
     np.testing.assert_array_equal(np.array(again.arrays["values"]), original)
     (path / MANIFEST).unlink()  # an interrupted write: no manifest
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="kdlab.teacher_cache"):
+    with caplog.at_level(logging.INFO):
         prepare(5, tok, dm, teacher, tmp_path)
     assert "it has no manifest" in caplog.text and (path / MANIFEST).is_file()
 
@@ -317,6 +317,7 @@ def test_two_jobs_share_one_cache_and_run_no_teacher_forward_in_training(tmp_pat
     original = teacher_cache.build
     monkeypatch.setattr(teacher_cache, "build", lambda *a, **kw: builds.append(a[0]) or original(*a, **kw))
     caplog.set_level(logging.INFO, logger="kdlab.teacher_cache")
+    caplog.set_level(logging.INFO, logger="kdlab.cache")
     first = run(compose_tiny(tmp_path / "job0", cache_dir, ["loss=fkl", "teacher_cache.k=6", "train_only=true"]))
     assert len(builds) == 1 and "Computing the teacher's top-6" in caplog.text
     manifest = builds[0] / MANIFEST

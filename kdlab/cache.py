@@ -1,0 +1,87 @@
+"""Entries of kdlab's on-disk cache: one manifest format, one verified load, one atomic write.
+
+Every cached artefact (a trained default teacher or warm start, a model converted from GGUF, the
+teacher's top-k signals) is a folder under ``paths.cache_dir`` written the same way: into a
+temporary sibling folder that is renamed when complete, with a manifest written last that holds
+the entry's settings and a SHA-256 of every payload file. A load checks the manifest, the settings
+and the checksums; an entry that fails any of them (an interrupted write, a corrupted file, another
+format version) is removed with a warning saying why, and the caller builds it again, so a stale
+or broken entry is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "kdlab-cache.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(folder: Path, patterns: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of every file in ``folder`` matching one of ``patterns``, by file name."""
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    return {p.name: file_sha256(p) for p in files}
+
+
+def load(path: Path, expected: dict, patterns: Iterable[str], what: str) -> dict | None:
+    """The manifest of the verified entry at ``path``, or None if there is none or it cannot be trusted.
+
+    ``expected``: settings the manifest must record with these values (a format version, k, ...).
+    ``patterns``: the payload files whose checksums are verified. An untrusted entry is removed
+    (and the reason logged), so the caller rebuilds it.
+    """
+    if not path.exists():
+        return None
+    manifest = path / MANIFEST
+    reason, recorded = None, {}
+    if not manifest.is_file():
+        reason = "it has no manifest (an interrupted write or an older kdlab)"
+    else:
+        recorded = json.loads(manifest.read_text())
+        differing = {key: recorded.get(key) for key, value in expected.items() if recorded.get(key) != value}
+        if differing:
+            reason = f"it records {differing}, this run needs {({key: expected[key] for key in differing})}"
+        elif not recorded.get("checksums") or recorded["checksums"] != checksums(path, patterns):
+            reason = "its files do not match the checksums recorded when it was written (a missing or corrupted file)"
+    if reason:
+        log.warning("The cached %s at %s is not used: %s; building it again", what, path, reason)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+    log.info("Loading the cached %s from %s", what, path)
+    return recorded
+
+
+def write(path: Path, fill: Callable[[Path], None], settings: dict, patterns: Iterable[str]) -> Path:
+    """Write an entry atomically: ``fill(tmp)`` writes the payload into a temporary folder, the
+    manifest (``settings`` + checksums of the ``patterns`` files) is written last, then the folder is
+    renamed to ``path``. If another process wrote ``path`` meanwhile, theirs is kept."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        manifest = {**settings, "checksums": checksums(tmp, patterns)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk, Ctrl-C) leaves nothing behind
+        raise
+    if path.exists():
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(path)
+    return path
