@@ -1,10 +1,12 @@
 """Each paper's claims, measured over seeds with paired confidence intervals.
 
     python -m bench.reproduce rlkd|minillm|ddk|main [--seeds 0 1 2 3 4] [--jobs 2] [--out DIR] [OVERRIDE ...]
+    python -m bench.reproduce real|real_rlkd|real_ddk --seeds 0 1 2     # the real tier (experiment=real)
 
 A protocol is an ``experiment=reproduce_<method>`` config (its comments give the reasons for every
 setting) and a set of variants that differ only in the method. Every (variant, seed) is one
-``python -m kdlab.train`` run on the built-in suite, ``--jobs`` at a time with one torch thread
+``python -m kdlab.train`` run (on the built-in suite, or for ``real*`` on SmolLM2 and the Python
+corpus), ``--jobs`` at a time with one torch thread
 each; a run whose ``metrics.json`` exists under ``--out`` is not run again, so an interrupted
 bench continues where it stopped. The first run goes alone, as it trains and caches the teacher
 (under $KDLAB_CACHE) that the others load.
@@ -58,6 +60,7 @@ class Protocol:
     variants: dict[str, list[str]]  # name -> overrides
     metrics: dict[str, str]  # column -> metric key
     claims: list[Claim]
+    gaps: bool = False  # add the per-domain student/teacher perplexity ratios (ddk_gaps) to each run's metrics
 
 
 def _rlkd_claims(base: str, name: str) -> list[Claim]:
@@ -122,6 +125,7 @@ DDK = Protocol(
         Claim("smoothing helps: DDK vs DDK w/o smoothing (mean gap)", "gap/mean", "DDK", "DDK w/o smoothing", False, "avg. score 56.56 → 57.46"),
         Claim("DDK beats uniform on exact match", "test/exact_match", "DDK", "uniform", True, "avg. score 55.01 → 57.46"),
     ],
+    gaps=True,
 )
 
 MAIN = Protocol(
@@ -133,7 +137,37 @@ MAIN = Protocol(
             for name in ("fkl", "rkl", "jsd", "tvd")],
 )
 
-PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN}
+# -- the real tier: SmolLM2-135M-Instruct into its depth-pruned 6-layer student (experiment=real) ------------
+
+REAL_METRICS = {"test ppl": "test/ppl", "mean S/T ppl ratio": "gap/mean", "worst-domain S/T ratio": "gap/worst",
+                "top-5 consistency": "test/top5_consistency", "top-1 agreement": "test/top1_agreement"}
+REAL = Protocol(
+    experiment="real",
+    variants={name: [f"loss={name}"] for name in ("ce", "fkl", "rkl", "jsd", "tvd")},
+    metrics=REAL_METRICS,
+    claims=[Claim(f"{name} recovers the pruned student better than ce (mean S/T ppl ratio)", "gap/mean", name, "ce", False,
+                  "Minitron: KD retraining > CE retraining") for name in ("fkl", "rkl", "jsd", "tvd")],
+    gaps=True,
+)
+REAL_RLKD = Protocol(
+    experiment="real",
+    variants={"KL": ["loss=fkl"], "KL+R (logits)": ["loss=rlkd", "loss.base=fkl", "loss.rank_logits=true"]},
+    metrics=REAL_METRICS,
+    claims=[Claim("KL+R (logits) raises top-5 consistency", "test/top5_consistency", "KL+R (logits)", "KL", True, "7.97% → 12.65%"),
+            Claim("KL+R (logits) raises top-1 agreement", "test/top1_agreement", "KL+R (logits)", "KL", True, "not reported"),
+            Claim("KL+R (logits) keeps the mean S/T ppl ratio", "gap/mean", "KL+R (logits)", "KL", False, "not reported")],
+    gaps=True,
+)
+REAL_DDK = Protocol(
+    experiment="real",
+    variants={"uniform": ["data/mixing=uniform"], "DDK": ["data/mixing=ddk"]},
+    metrics=REAL_METRICS,
+    claims=[Claim("DDK narrows the mean gap vs uniform", "gap/mean", "DDK", "uniform", False, "avg. score 55.01 → 57.46"),
+            Claim("DDK narrows the worst-domain gap vs uniform", "gap/worst", "DDK", "uniform", False, "its aim: the weakest domains")],
+    gaps=True,
+)
+
+PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN, "real": REAL, "real_rlkd": REAL_RLKD, "real_ddk": REAL_DDK}
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -226,7 +260,7 @@ def run_protocol(name: str, protocol: Protocol, seeds: list[int], jobs: int, out
         run_dir = out / f"{variant.replace(' ', '_').replace('/', '').replace('(', '').replace(')', '')}-seed{seed}"
         t0 = time.time()
         metrics = run_one(protocol, variant, seed, run_dir, extra)
-        if name == "ddk":
+        if protocol.gaps:
             metrics |= ddk_gaps(metrics)
         if name == "minillm":
             metrics |= exposure_metrics(run_dir, seed)

@@ -39,20 +39,42 @@ def _check_folder(path: str, what: str) -> Path:
     return folder
 
 
-def from_pretrained(
-    path: str, dtype: str = "float32", attn_implementation: str | None = None, role: str = "model", tokenizer=None
-) -> PreTrainedModel:
-    """A causal LM from a local Hugging Face folder (no hub access: ``local_files_only``).
+def model_folder(path: str | None, gguf_file: str | None, cache_dir: str | None, role: str) -> Path:
+    """The local folder a model or tokenizer is read from: ``path`` itself, or the cached conversion of
+    ``gguf_file`` (kdlab/gguf.py). Exactly one of the two is given."""
+    if (path is None) == (gguf_file is None):
+        given = "both" if path else "neither"
+        raise ValueError(
+            f"model.{role}: give exactly one of path (a Hugging Face folder) and gguf_file (a .gguf file); {given} was given"
+        )
+    if gguf_file is None:
+        return _check_folder(path, role)
+    from kdlab.gguf import converted
 
-    ``dtype``: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (bfloat16 on a GPU that supports
-    it, float32 otherwise; a teacher only runs forwards, so bf16 halves its memory). The student
-    should stay float32 and train under ``trainer.precision=bf16-mixed``. ``attn_implementation``:
-    e.g. ``sdpa``, ``flash_attention_2``, ``eager``; None = transformers' default. The folder must
-    hold a config and weights (``check_causal`` then tests that the model is a causal decoder).
-    ``tokenizer`` is accepted for symmetry with :func:`from_config` and unused: the folder's
-    model has its vocabulary already.
+    return converted(gguf_file, cache_dir or "~/.cache/kdlab", f"model.{role}")
+
+
+def from_pretrained(
+    path: str | None = None,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    role: str = "model",
+    tokenizer=None,
+) -> PreTrainedModel:
+    """A causal LM from a local Hugging Face folder or a GGUF file (no hub access: ``local_files_only``).
+
+    ``gguf_file``: any GGUF that transformers can dequantise, converted once into a folder under
+    ``cache_dir`` (kdlab/gguf.py) and read from there. ``dtype``: ``float32``, ``bfloat16``,
+    ``float16`` or ``auto`` (bfloat16 on a GPU that supports it, float32 otherwise; a teacher only
+    runs forwards, so bf16 halves its memory). The student should stay float32 and train under
+    ``trainer.precision=bf16-mixed``. ``attn_implementation``: e.g. ``sdpa``, ``flash_attention_2``,
+    ``eager``; None = transformers' default. The folder must hold a config and weights
+    (``check_causal`` then tests that the model is a causal decoder). ``tokenizer`` is accepted for
+    symmetry with :func:`from_config` and unused: the folder's model has its vocabulary already.
     """
-    folder = _check_folder(path, role)
+    folder = model_folder(path, gguf_file, cache_dir, role)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{role} folder {str(folder)!r} has no config.json: it is not a Hugging Face model folder")
     if not any(next(folder.glob(p), None) for p in WEIGHT_FILES):
@@ -104,9 +126,9 @@ def check_causal(model: PreTrainedModel, role: str, where: str = "") -> None:
         )
 
 
-def load_tokenizer(path: str, role: str = "teacher"):
-    """The tokenizer of a local model folder (a pad token is set to <eos> if it has none)."""
-    folder = _check_folder(path, f"{role} tokenizer")
+def load_tokenizer(path: str | None = None, gguf_file: str | None = None, cache_dir: str | None = None, role: str = "teacher"):
+    """The tokenizer of a local model folder or GGUF file (a pad token is set to <eos> if it has none)."""
+    folder = model_folder(path, gguf_file, cache_dir, f"{role} tokenizer")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{role} folder {str(folder)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); set model.tokenizer.path to a folder that has them")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -180,3 +202,98 @@ def distillation_vocab_size(teacher: PreTrainedModel, student: PreTrainedModel, 
         "teacher and student to share a tokenizer. Pick a student from the teacher's model family (or build it "
         "from a config with the teacher's tokenizer)."
     )
+
+
+# -- students initialised from the teacher ---------------------------------------------------------
+
+
+def _layer_stack(model: PreTrainedModel) -> str:
+    """The state-dict prefix of the decoder's list of layers (``model.layers`` for Llama, Qwen2,
+    Mistral; ``transformer.h`` for GPT-2): the one ModuleList with ``num_hidden_layers`` entries."""
+    n = model.config.num_hidden_layers
+    stacks = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(stacks) != 1:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (ModuleLists of {n} entries: {stacks})")
+    return stacks[0]
+
+
+def layers_to_keep(num_layers: int, every: int | None, layers: list[int] | None) -> list[int]:
+    """The teacher layers a depth-pruned student keeps: an explicit list, or every ``every``-th from the first."""
+    if (every is None) == (layers is None):
+        raise ValueError("model.student: give exactly one of every (keep every k-th layer) and layers (a list of layer indices)")
+    if layers is None:
+        if every < 1:
+            raise ValueError(f"model.student.every must be >= 1, got {every}")
+        return list(range(0, num_layers, every))
+    keep = [int(i) for i in layers]
+    if not keep or sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= num_layers:
+        raise ValueError(f"model.student.layers must be increasing, distinct indices in [0, {num_layers}), got {list(layers)}")
+    return keep
+
+
+def pruned(
+    path: str | None = None,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
+    every: int | None = None,
+    layers: list[int] | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    role: str = "student",
+    tokenizer=None,
+) -> PreTrainedModel:
+    """A depth-pruned copy of a pretrained model: a subset of its decoder layers, everything else
+    (embeddings, final norm, output head) shared with it, the weights copied exactly.
+
+    The student initialisation of DistilBERT (Sanh et al., 2019, §3: "taking one layer out of
+    two" of the teacher) and of Minitron's depth pruning (Muralidharan et al., 2024, §2): keep
+    ``layers`` (indices into the source's layers) or every ``every``-th layer from the first. The
+    model is rebuilt from the source's config with fewer layers and given the kept layers' weights
+    renumbered, so its config, caches and attention indices are those of a model of that depth and
+    it saves as an ordinary Hugging Face folder.
+    """
+    source = from_pretrained(path, gguf_file, cache_dir, dtype=dtype, attn_implementation=attn_implementation, role=f"{role} (its source)")
+    keep = layers_to_keep(source.config.num_hidden_layers, every, layers)
+    stack = _layer_stack(source)
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (sliding/full)
+        config.layer_types = [source.config.layer_types[i] for i in keep]
+    renumbered = {}
+    for key, value in source.state_dict().items():
+        if not key.startswith(stack + "."):
+            renumbered[key] = value
+            continue
+        index, rest = key[len(stack) + 1 :].split(".", 1)
+        if int(index) in keep:
+            renumbered[f"{stack}.{keep.index(int(index))}.{rest}"] = value
+    model = AutoModelForCausalLM.from_config(config, dtype=source.dtype)
+    model.load_state_dict(renumbered, strict=True)
+    model.generation_config = source.generation_config
+    log.info("%s: layers %s of the source's %d (%.1fM of %.1fM parameters)", role, keep, source.config.num_hidden_layers,
+             parameter_count(model) / 1e6, parameter_count(source) / 1e6)
+    return model
+
+
+def of_family(
+    path: str | None = None,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
+    sizes: dict | None = None,
+    role: str = "student",
+    tokenizer=None,
+) -> PreTrainedModel:
+    """A randomly initialised model of the source's family: its config (architecture, vocabulary,
+    special tokens, positions) with ``sizes`` overriding e.g. ``num_hidden_layers``, ``hidden_size``,
+    ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``."""
+    folder = model_folder(path, gguf_file, cache_dir, f"{role} (its source)")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    for key, value in (sizes or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.{role}.sizes.{key}: {config.model_type} configs have no such field")
+        setattr(config, key, value)
+    if getattr(config, "head_dim", None) and "hidden_size" in (sizes or {}):
+        config.head_dim = config.hidden_size // config.num_attention_heads  # the source's head_dim is for its width
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    return AutoModelForCausalLM.from_config(config)

@@ -9,11 +9,13 @@ agreement, the samples table), which ``python -m kdlab.evaluate`` shares.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from kdlab.evaluation import Evaluation
@@ -24,6 +26,11 @@ from kdlab.losses.sparse import SparseTeacher
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
 from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample, token_logprobs
+
+# Lightning warns about every module in eval mode when training starts. The frozen teacher is in
+# eval mode by design (482 modules for SmolLM2), so that warning is replaced by the module's own
+# check of the student alone (DistillModule.on_train_start).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -82,6 +89,11 @@ class DistillModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher stays in eval
         return self
+
+    def on_train_start(self) -> None:
+        frozen = [name for name, m in self.student.named_modules() if not m.training]
+        if frozen:
+            rank_zero_warn(f"{len(frozen)} student module(s) are in eval mode at the start of training (first: {frozen[:3]})")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]

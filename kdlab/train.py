@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdlab import teacher_cache
+from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.callbacks.throughput import Throughput
 from kdlab.data.files import tokenizer_fingerprint
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
@@ -38,15 +38,6 @@ from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, s
 from kdlab.summary import FAILED
 
 log = logging.getLogger(__name__)
-
-# W&B stays offline (no login, no network) unless the user opts in with WANDB_MODE=online.
-OmegaConf.register_new_resolver("kdlab.wandb_offline", lambda: os.environ.get("WANDB_MODE", "offline") != "online", replace=True)
-# Run folders end with the process id (two runs started in the same second get their own folders),
-# or under SLURM the job id, which a requeued job keeps: it finds its folder and resumes there.
-OmegaConf.register_new_resolver(
-    "kdlab.run_id", lambda: os.environ.get("SLURM_JOB_ID") or str(os.getpid()), replace=True
-)
-
 
 def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     """The teacher or the student; CE-trained first (and cached) where ``model.<role>_training`` is set."""
