@@ -3,6 +3,7 @@
     KDLAB_CACHE=/tmp/kdcache-real python -m bench.teacher_cache [--steps 200] [--k 32] [--objectives fkl rkl jsd tvd skl]
     python -m bench.teacher_cache --skip-sweep        # the error table only
     python -m bench.teacher_cache --skip-error        # the sweep only
+    python -m bench.teacher_cache --skip-sweep --real --vocab  # the error table with the real tier's pair
 
 (a) **Sweep.** Each objective runs ``train_only=true`` for ``--steps`` steps on the default pair
 (``kdlab.train.run`` in this process), once with the dense teacher and once with
@@ -19,7 +20,10 @@ and of its gradient with respect to the student logits, ‖g_k − g‖ / ‖g�
 (kdlab/losses/sparse.py) against the dense teacher, in float64 (so the numbers are the
 approximation's, not rounding): on the default pair (its trained teacher and warm-start student,
 at the labelled positions of training batches; V = the suite's vocabulary, so k = 8 and 32 only)
-and on synthetic logits at V = 32,000 and 151,936 — no large model is available offline. The
+with ``--real``, on SmolLM2-135M-Instruct and its depth-pruned student at the Python corpus's
+labelled positions (V = 49,152; experiment=real); and on synthetic logits at V = 32,000 and 151,936.
+The cached view is evaluated as stored (kdlab.teacher_cache.stored: float16 values), so the error
+includes the storage's rounding, and the bytes stored per labelled position are printed. The
 synthetic teacher is Zipf-like: at each position the logits are −a·log(rank) over a random
 permutation of the vocabulary, with a drawn uniformly in [1, 3] (a = 1: a flat, heavy-tailed
 position, a = 3: a peaked one); the student is the teacher plus Gaussian noise of standard
@@ -104,6 +108,8 @@ def sweep(args, cache: Path, out: Path) -> None:
     lines.append(f"{'total':<10} {dense:>8.1f} {cached:>9.1f}   (the cached total includes the one-off build)")
     lines.append(f"one-off cache build: {build:.2f} s ({len(builds)} build(s))")
     lines.append(f"ratio cached/uncached: {cached / dense:.2f} (goal <= 0.6); without the build: {(cached - build) / dense:.2f}")
+    lines.append("stored per labelled position (kdlab/teacher_cache.py): " + "; ".join(
+        f"V={v:,}: " + ", ".join(f"k={k} {bytes_per_position(k, v)} B" for k in KS) for v in (49_152, 151_936)))
     print("\n".join(lines), flush=True)
 
 
@@ -114,6 +120,7 @@ def relative_errors(loss, student, labels, teacher, ks):
 
     from kdlab.losses.base import KDBatch
     from kdlab.losses.sparse import sparse_teacher
+    from kdlab.teacher_cache import stored
 
     def value_and_grad(**teachers):
         s = student.detach().clone().requires_grad_(True)
@@ -126,7 +133,9 @@ def relative_errors(loss, student, labels, teacher, ks):
     for k in ks:
         if k >= teacher.shape[-1]:
             continue
-        v_k, g_k = value_and_grad(teacher_logits=None, teacher_sparse=sparse_teacher(teacher, k))
+        # as the cache stores it (float16 values shifted by the row's largest), read back in float64
+        view = stored(sparse_teacher(teacher, k)).map(lambda t: t.double() if t.is_floating_point() else t)
+        v_k, g_k = value_and_grad(teacher_logits=None, teacher_sparse=view)
         errors[k] = (abs(v_k - value) / abs(value), ((g_k - grad).norm() / grad.norm()).item())
     return errors
 
@@ -155,6 +164,31 @@ def default_pair_logits(batches: int):
     return torch.cat(s_rows)[None], torch.cat(t_rows)[None], torch.cat(labels)[None]
 
 
+def real_pair_logits(batches: int):
+    """Student and teacher logits (float64) at the labelled positions of training batches of the real
+    tier (experiment=real): SmolLM2-135M-Instruct and its depth-pruned 6-layer student, before training."""
+    import torch
+    from hydra.utils import instantiate
+
+    from bench.common import default_config
+    from kdlab.losses.base import IGNORE_INDEX
+
+    cfg = default_config("experiment=real", "trainer.accelerator=cpu")
+    tok = instantiate(cfg.model.tokenizer)
+    dm = instantiate(cfg.data, tokenizer=tok)
+    teacher = instantiate(cfg.model.teacher, tokenizer=tok).eval()
+    student = instantiate(cfg.model.student, tokenizer=tok).eval()
+    s_rows, t_rows, labels = [], [], []
+    with torch.no_grad():
+        for batch, _ in zip(dm.train_dataloader(), range(batches)):
+            mask = batch["labels"] != IGNORE_INDEX
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            s_rows.append(student(**inputs).logits[mask].double())
+            t_rows.append(teacher(**inputs).logits[mask].double())
+            labels.append(batch["labels"][mask])
+    return torch.cat(s_rows)[None], torch.cat(t_rows)[None], torch.cat(labels)[None]
+
+
 def zipf_logits(rows: int, vocab: int, seed: int = 0):
     """Synthetic Zipf-like teacher logits and a noisy student (module docstring), float64."""
     import torch
@@ -170,14 +204,17 @@ def zipf_logits(rows: int, vocab: int, seed: int = 0):
 
 def error_table(args) -> None:
     from kdlab.losses.divergences import load_loss
+    from kdlab.teacher_cache import bytes_per_position
     from kdlab.losses.sparse import sparse_teacher
 
     cases = [(f"default pair, real teacher (V={{v}})", lambda: default_pair_logits(args.batches))]
+    if args.real:
+        cases.append(("SmolLM2 -> pruned student (V={v})", lambda: real_pair_logits(args.batches)))
     for vocab in args.vocab:
         cases.append((f"synthetic Zipf-like (V={vocab:,})", lambda vocab=vocab: zipf_logits(args.rows, vocab)))
     header = f"{'case':<36} {'objective':<9} " + " ".join(f"{f'k={k} value':>11} {f'k={k} grad':>10}" for k in KS)
     lines = [
-        "relative error of the top-k view against the dense teacher (float64): |L_k - L| / |L| and ||g_k - g|| / ||g||;",
+        "relative error of the cached top-k view (as stored: float16 values) against the dense teacher, computed in float64: |L_k - L| / |L| and ||g_k - g|| / ||g||;",
         "'tail m': the teacher's mean probability outside its top-k",
         header,
     ]
@@ -193,6 +230,8 @@ def error_table(args) -> None:
             cells = " ".join(f"{errors[k][0]:>11.2e} {errors[k][1]:>10.2e}" if k in errors else f"{'(k >= V)':>11} {'':>10}" for k in KS)
             lines.append(f"{title:<36} {name:<9} {cells}")
         print(f"{title}: {student.shape[1]} positions", flush=True)
+    lines.append("stored per labelled position (kdlab/teacher_cache.py): " + "; ".join(
+        f"V={v:,}: " + ", ".join(f"k={k} {bytes_per_position(k, v)} B" for k in KS) for v in (49_152, 151_936)))
     print("\n".join(lines), flush=True)
 
 
@@ -205,6 +244,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="training batches of the default pair for the error table")
     parser.add_argument("--rows", type=int, default=256, help="positions of each synthetic case")
     parser.add_argument("--vocab", type=int, nargs="*", default=[32_000, 151_936], help="synthetic vocabularies")
+    parser.add_argument("--real", action="store_true", help="add the real tier's pair (SmolLM2 and its pruned student) to the error table")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-error", action="store_true")
     parser.add_argument("--out", default=None, help="run folders of the sweep (default: a temporary folder)")

@@ -67,7 +67,7 @@ class DistillModule(L.LightningModule):
     ):
         super().__init__()
         check_optimisation(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
-        self.student = student
+        self.student = student.train()  # from_pretrained returns a model in eval mode (dropout off); the student trains
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)

@@ -24,13 +24,19 @@ never read.
 Layout of an entry (N labelled positions over R training records, record i's positions are rows
 ``offsets[i]:offsets[i+1]`` in order of position):
 
-    values.npy   (N, k) float32  the teacher's top-k logits z, largest first
-    indices.npy  (N, k) int32    their token ids
-    log_norm.npy (N,)   float32  log Σ_v exp(z_v/τ) over the distillation vocabulary
+    values.npy   (N, k) float16  the teacher's top-k logits z minus the largest, z − z_1 (so ≤ 0), largest first
+    indices.npy  (N, k) uint16   their token ids (int32 when the vocabulary exceeds 65,536)
+    log_norm.npy (N,)   float32  log Σ_v exp((z_v − z_1)/τ) over the distillation vocabulary
     log_tail.npy (N,)   float32  log(1 − Σ_top-k p_τ)
     labels.npy   (N,)   int32    the target token of each position (checked against every batch)
     offsets.npy  (R+1,) int64
     kdlab-cache.json             format version, settings, shapes, checksums (written last)
+
+Storage is 4k + 12 bytes per labelled position with V ≤ 65,536 (140 at k = 32), 6k + 12 above.
+A softmax is unchanged by a shift of its logits, so each row is stored shifted by its largest
+logit, with log_norm shifted alike: the stored values then lie in [−range, 0], where float16's
+spacing is at most 2⁻¹¹ of the magnitude (≤ 0.002 for the tokens within 2 nats of the top, whose
+probabilities dominate every objective). RLKD's logit ranking is shift-invariant too.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from kdlab.pretrain import cache_key, data_fingerprint
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when what is stored, or how it is computed, changes: every entry is then rebuilt
+FORMAT_VERSION = 2  # bump when what is stored, or how it is computed, changes: every entry is then rebuilt
 ARRAYS = ("values", "indices", "log_norm", "log_tail", "labels", "offsets")
 # rows of (rows, V) teacher logits turned into top-k at once while building: 2^23 logits, as loss.chunk_size: auto
 BUILD_CHUNK_ELEMENTS = 2**23
@@ -274,7 +280,7 @@ def build(
 
 def _fill(tmp: Path, teacher, datamodule, records, offsets, k, vocab_size, temperature, batch_size, device, forward_context) -> None:
     total = int(offsets[-1])
-    shapes = {"values": ((total, k), np.float32), "indices": ((total, k), np.int32), "log_norm": ((total,), np.float32),
+    shapes = {"values": ((total, k), np.float16), "indices": ((total, k), index_dtype(vocab_size)), "log_norm": ((total,), np.float32),
               "log_tail": ((total,), np.float32), "labels": ((total,), np.int32), "offsets": ((len(offsets),), np.int64)}
     out = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape) for name, (shape, dtype) in shapes.items()}
     out["offsets"][:] = offsets
@@ -297,7 +303,8 @@ def _fill(tmp: Path, teacher, datamodule, records, offsets, k, vocab_size, tempe
                 for a in range(0, len(rows), rows_per_chunk):
                     view = sparse_teacher(rows[a : a + rows_per_chunk], k, temperature)
                     at = dest[a : a + rows_per_chunk]
-                    out["values"][at] = view.values.float().cpu().numpy()
+                    view = stored(view)
+                    out["values"][at] = view.values.cpu().numpy()
                     out["indices"][at] = view.indices.cpu().numpy()
                     out["log_norm"][at] = view.log_norm.float().cpu().numpy()
                     out["log_tail"][at] = view.log_tail.float().cpu().numpy()
@@ -306,6 +313,23 @@ def _fill(tmp: Path, teacher, datamodule, records, offsets, k, vocab_size, tempe
     for array in out.values():
         array.flush()
     del out
+
+
+def stored(view: SparseTeacher) -> SparseTeacher:
+    """``view`` as the cache stores it: each row shifted by its largest logit, the values in float16
+    (module docstring); the probabilities it gives are the view's to float16 precision."""
+    top = view.values[..., :1].float()
+    return SparseTeacher((view.values.float() - top).half(), view.indices, view.log_norm.float() - top.squeeze(-1) / view.temperature,
+                         view.log_tail.float(), view.temperature)
+
+
+def index_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def bytes_per_position(k: int, vocab_size: int) -> int:
+    """What the cache stores per labelled position: values, indices, log_norm, log_tail, label."""
+    return k * (np.dtype(np.float16).itemsize + np.dtype(index_dtype(vocab_size)).itemsize) + 3 * 4
 
 
 def _settings(k: int, vocab_size: int, temperature: float, records: int, positions: int) -> dict:
