@@ -20,7 +20,7 @@ and of its gradient with respect to the student logits, ‖g_k − g‖ / ‖g�
 (kdlab/losses/sparse.py) against the dense teacher, in float64 (so the numbers are the
 approximation's, not rounding): on the default pair (its trained teacher and warm-start student,
 at the labelled positions of training batches; V = the suite's vocabulary, so k = 8 and 32 only)
-with ``--real``, on SmolLM2-135M-Instruct and its depth-pruned student at the Python corpus's
+with ``--real`` instead, on SmolLM2-135M-Instruct and its depth-pruned student at the Python corpus's
 labelled positions (V = 49,152; experiment=real); and on synthetic logits at V = 32,000 and 151,936.
 The cached view is evaluated as stored (kdlab.teacher_cache.stored: float16 values), so the error
 includes the storage's rounding, and the bytes stored per labelled position are printed. The
@@ -207,9 +207,10 @@ def error_table(args) -> None:
     from kdlab.teacher_cache import bytes_per_position
     from kdlab.losses.sparse import sparse_teacher
 
-    cases = [(f"default pair, real teacher (V={{v}})", lambda: default_pair_logits(args.batches))]
-    if args.real:
-        cases.append(("SmolLM2 -> pruned student (V={v})", lambda: real_pair_logits(args.batches)))
+    if args.real:  # instead of the default pair
+        cases = [("SmolLM2 -> pruned student (V={v})", lambda: real_pair_logits(args.batches))]
+    else:
+        cases = [(f"default pair, real teacher (V={{v}})", lambda: default_pair_logits(args.batches))]
     for vocab in args.vocab:
         cases.append((f"synthetic Zipf-like (V={vocab:,})", lambda vocab=vocab: zipf_logits(args.rows, vocab)))
     header = f"{'case':<36} {'objective':<9} " + " ".join(f"{f'k={k} value':>11} {f'k={k} grad':>10}" for k in KS)
@@ -244,7 +245,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="training batches of the default pair for the error table")
     parser.add_argument("--rows", type=int, default=256, help="positions of each synthetic case")
     parser.add_argument("--vocab", type=int, nargs="*", default=[32_000, 151_936], help="synthetic vocabularies")
-    parser.add_argument("--real", action="store_true", help="add the real tier's pair (SmolLM2 and its pruned student) to the error table")
+    parser.add_argument("--real", action="store_true", help="the real tier's pair (SmolLM2 and its pruned student) instead of the default pair in the error table")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-error", action="store_true")
     parser.add_argument("--out", default=None, help="run folders of the sweep (default: a temporary folder)")

@@ -88,6 +88,7 @@ def check_run(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     module = cfg.module
     check_optimisation(module.lr, module.get("weight_decay"), module.get("betas"), module.get("warmup_steps"), module.get("min_lr_ratio"))
+    check_model_sources(cfg.model)
     trained = [role for role in ("teacher", "student") if cfg.model.get(f"{role}_training")]
     for role in trained:
         t = cfg.model[f"{role}_training"]
@@ -96,6 +97,21 @@ def check_run(cfg: DictConfig) -> None:
             raise ValueError(f"model.{role}_training.max_steps={t.max_steps} trains nothing; set it >= 1 or model.{role}_training=null")
     if trained:
         check_cache_dir(cfg.paths.cache_dir)
+
+
+def check_model_sources(model: DictConfig) -> None:
+    """A pretrained model comes from exactly one of a folder (``path``) and a GGUF file (``gguf_file``)."""
+    for role in ("teacher", "student"):
+        node = model.get(role)
+        if node is None or "path" not in node or "gguf_file" not in node:
+            continue  # built from a config (the embedded default)
+        path, gguf = node.get("path"), node.get("gguf_file")
+        if bool(path) == bool(gguf):
+            given = "both" if path else "neither"
+            raise ValueError(
+                f"model.{role}: give exactly one of model.{role}.path (a Hugging Face folder) and model.{role}.gguf_file "
+                f"(a .gguf file); {given} was given"
+            )
 
 
 def check_batches(datamodule, batch_size: int, accumulate: int = 1) -> None:

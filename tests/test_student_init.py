@@ -75,3 +75,21 @@ def test_a_smaller_model_of_the_family_from_a_random_init(source):
     assert student(input_ids=torch.randint(0, 64, (1, 4))).logits.shape == (1, 4, 64)
     with pytest.raises(ValueError, match="no such field"):
         of_family(str(folder), sizes={"num_layerz": 2})
+
+
+@pytest.mark.parametrize(("overrides", "match"), [([], "model.teacher: give exactly one .* neither"),
+                                                  (["model.teacher.path=/a", "model.teacher.gguf_file=/b.gguf"], "both"),
+                                                  (["model.teacher.path=/a"], "model.student: give exactly one .* neither")])
+def test_a_pretrained_model_needs_exactly_one_source_before_anything_runs(tmp_path, overrides, match):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from kdlab.preflight import check_model_sources
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["model=hf", *overrides])
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        check_model_sources(cfg.model)
