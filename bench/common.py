@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+import kdlab.resolvers  # noqa: F401  (the configs' resolvers, e.g. model=smollm2's file)
+
 warnings.filterwarnings("ignore", message=".*self.log.*")  # modules run outside a Trainer here
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

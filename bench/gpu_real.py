@@ -6,7 +6,7 @@
 1. ``experiment=real`` (SmolLM2-135M-Instruct into its 6-layer pruned student) with forward KL, in bf16
    mixed precision, batches of 16 × 256 tokens: absolute training tokens/s, the peak GPU memory,
    and the per-domain perplexities and S/T ratios of the exported student.
-2. The same run with the teacher cache (``teacher_cache.k=32``): its build time and tokens/s.
+2. ``fkl-cached``: the same run with the teacher cache (``teacher_cache.k=32``): its build time and tokens/s.
 3. ``bench.objective_memory --real --device cuda``: the fused head against head + chunked at
    V = 49,152 on the real hidden states (memory and time).
 
@@ -32,7 +32,7 @@ def overrides(steps: int, out: Path, name: str, extra: tuple[str, ...] = ()) -> 
             f"trainer.val_check_interval={steps}", "logger=csv", f"paths.output_dir={out / name}", *extra]
 
 
-RUNS = {"fkl": (), "fkl, teacher_cache.k=32": ("teacher_cache.k=32",)}
+RUNS = {"fkl": (), "fkl-cached": ("teacher_cache.k=32",)}  # name (its run folder) -> overrides
 
 
 def compose(steps: int, out: Path, name: str):
@@ -74,7 +74,7 @@ def main() -> None:
         lines.append(f"| {name} | {metrics['train/tokens_per_sec']:.0f} | {metrics['train/step_time']:.3f} | "
                      f"{torch.cuda.max_memory_allocated() / 2**30:.2f} | {metrics['test/ppl']:.2f} | {sum(ratios) / 3:.3f} | {wall:.0f} |")
         (out / "metrics").mkdir(parents=True, exist_ok=True)
-        (out / "metrics" / f"{name.split(',')[0]}{'-cached' if 'cache' in name else ''}.json").write_text(json.dumps(metrics, indent=1))
+        (out / "metrics" / f"{name}.json").write_text(json.dumps(metrics, indent=1))
         print(lines[-1], flush=True)
     memory = subprocess.run([sys.executable, "-m", "bench.objective_memory", "--real", "--device", "cuda", "--rows", "8192"],
                             cwd=ROOT, capture_output=True, text=True)

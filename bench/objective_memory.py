@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt-fraction", type=float, default=0.0,
                         help="> 0: also measure logits whose first fraction of rows is unlabelled, all rows vs labelled rows only")
+    parser.add_argument("--objectives", nargs="+", default=OBJECTIVES, choices=OBJECTIVES)
     parser.add_argument("--real", action="store_true", help="SmolLM2's real hidden states and heads (part 4; needs the [real] extra)")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # name vocab chunk device mode: run one measurement
     parser.add_argument("--real-file", help=argparse.SUPPRESS)  # part 4's inputs, gathered by the parent process
@@ -194,7 +195,7 @@ def main() -> None:
     print(header)
     for vocab in args.vocab:
         floor = (args.rows + vocab) * args.hidden / (args.rows * vocab)
-        for name in OBJECTIVES:
+        for name in args.objectives:
             dense, chunked = run_one(args, name, vocab, "0", "logits"), run_one(args, name, vocab, args.chunk, "logits")
             line = (
                 f"{name:10s} {vocab:7d} {dense['extra']:7.2f} {chunked['extra']:8.2f} {dense['seconds']:8.2f}s "
@@ -217,7 +218,7 @@ def labelled_rows_table(args) -> None:
     print(f"{'objective':10s} {'V':>7s} {'path':8s} {'all rows':>9s} {'labelled':>9s} {'mem ratio':>10s} "
           f"{'t all':>8s} {'t labelled':>11s} {'t ratio':>8s}")
     for vocab in args.vocab:
-        for name in OBJECTIVES:
+        for name in args.objectives:
             for path, chunk in (("dense", "0"), ("chunked", args.chunk)):
                 every, labelled = run_one(args, name, vocab, chunk, "masked"), run_one(args, name, vocab, chunk, "selected")
                 print(f"{name:10s} {vocab:7d} {path:8s} {every['extra']:9.2f} {labelled['extra']:9.2f} "
