@@ -183,6 +183,12 @@ class Evaluation(torch.nn.Module):
             elif self.teacher_val_ppl is not None:
                 # the cached teacher values, logged beside every validation for side-by-side curves
                 metrics.update({f"{d}/teacher_ppl": torch.tensor(v) for d, v in self.teacher_val_ppl.items()})
+        # how far the student is from the teacher per domain (1 = the teacher's perplexity; DDK's score)
+        ratios = {d: metrics[f"{d}/ppl"] / metrics[f"{d}/teacher_ppl"] for d in module.trainer.datamodule.domains
+                  if f"{d}/ppl" in metrics and f"{d}/teacher_ppl" in metrics}
+        if ratios:
+            metrics.update({f"{d}/ppl_ratio": r for d, r in ratios.items()})
+            metrics["ppl_ratio"] = torch.stack(list(ratios.values())).float().mean()
         module.log_dict({f"{split}/{k}": v for k, v in metrics.items()})
         if trainer.sanity_checking:
             self.table = SampleTable(self.settings.table_rows)  # not a real validation: dropped

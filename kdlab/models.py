@@ -84,9 +84,16 @@ def from_pretrained(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except ValueError as err:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
         raise ValueError(f"{role} {str(folder)!r} ({config.model_type}) is not a causal language model: {err}") from None
+    missing = sorted(loading["missing_keys"])
+    if missing:  # transformers would randomly initialise them and only say so in its load report
+        raise ValueError(
+            f"{role} {str(folder)!r}: its weight files do not cover its config.json: {len(missing)} tensors are missing "
+            f"(first: {missing[:3]}) and would be randomly initialised. The weights are incomplete or belong to another "
+            "config (e.g. fewer layers); re-export the model with save_pretrained"
+        )
     return model
 
 

@@ -120,6 +120,9 @@ def test_llama_and_gpt2_pairs_distil_prompt_response_and_text_data(tmp_path, fam
     cfg = hf_cfg(tmp_path / "run", teacher, student, f"data.train={{add: {qa}, prose: {text}}}", "loss=jsd", "+data.checker._target_=kdlab.data.datamodule.ExactMatch")
     metrics = run(cfg)
     assert {"test/add/exact_match", "test/add/rougeL", "test/prose/ppl", "test/add/teacher_ppl"} <= set(metrics)
+    ratios = [metrics[f"test/{d}/ppl"] / metrics[f"test/{d}/teacher_ppl"] for d in ("add", "prose")]
+    assert metrics["test/add/ppl_ratio"] == pytest.approx(ratios[0], rel=1e-5)
+    assert metrics["test/ppl_ratio"] == pytest.approx(sum(ratios) / 2, rel=1e-5)
     assert "test/prose/exact_match" not in metrics and "test/prose/rougeL" not in metrics  # plain text: perplexity only
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student") is not None

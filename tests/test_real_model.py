@@ -53,6 +53,7 @@ def test_a_few_steps_distil_a_pruned_student_that_answers_through_the_template(t
     metrics = run(cfg)
     for domain in ("code", "docstrings", "reference"):
         assert metrics[f"test/{domain}/teacher_ppl"] < metrics[f"test/{domain}/ppl"]  # 2 steps recover little
+        assert metrics[f"test/{domain}/ppl_ratio"] == pytest.approx(metrics[f"test/{domain}/ppl"] / metrics[f"test/{domain}/teacher_ppl"], rel=1e-5)
     student_dir = tmp_path / "run" / "student"
     student = AutoModelForCausalLM.from_pretrained(student_dir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)

@@ -93,3 +93,19 @@ def test_a_pretrained_model_needs_exactly_one_source_before_anything_runs(tmp_pa
         cfg.paths.cache_dir = str(tmp_path)
     with pytest.raises(ValueError, match=match):
         check_model_sources(cfg.model)
+
+
+def test_weights_that_do_not_cover_the_config_are_refused(source, tmp_path):
+    """A config of 6 layers over the weights of 5: transformers would initialise layer 5 at random."""
+    import json
+    import shutil
+
+    from kdlab.models import from_pretrained
+
+    folder, _ = source
+    shutil.copytree(folder, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    with pytest.raises(ValueError, match=r"do not cover its config.json: 9 tensors are missing \(first: \['model.layers.5"):
+        from_pretrained(str(tmp_path / "m"), role="teacher")
+    assert from_pretrained(str(folder)).config.num_hidden_layers == 5  # a complete folder loads
