@@ -56,6 +56,20 @@ def test_messages_target_every_assistant_turn_and_its_end_of_turn_token(tmp_path
     assert (record.prompt, record.answer, record.domain) == ("And of Chile?", "Santiago.", "default")
 
 
+@pytest.mark.parametrize("answer", ["a", "im", "think", "hi", "assistant", "in"])
+def test_a_short_answer_is_located_by_the_templates_structure_not_found_in_its_header(tmp_path, qwen_tokenizer, answer):
+    """Qwen's header '<|im_start|>assistant\n<think>\n\n</think>\n\n' holds 'a', 'im', 'think', 'assistant'."""
+    tok = qwen_tokenizer
+    chat = {"messages": [{"role": "user", "content": "Pick one: a or b?"}, {"role": "assistant", "content": answer},
+                         {"role": "user", "content": "Again?"}, {"role": "assistant", "content": answer}]}
+    [record], _ = one(tmp_path, tok, chat)
+    assert targets_text(tok, record) == f"{answer.strip()}<|im_end|>" * 2
+    assert tok.decode(record.input_ids[: record.prompt_len]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(record.input_ids[record.prompt_len :]).startswith(f"{answer.strip()}<|im_end|>")
+    [single], _ = one(tmp_path, tok, {"prompt": "a or b?", "response": answer})
+    assert targets_text(tok, single) == f"{answer.strip()}<|im_end|>"
+
+
 def test_prompt_response_uses_the_chat_template_when_there_is_one(tmp_path, qwen_tokenizer):
     [record], _ = one(tmp_path, qwen_tokenizer, {"prompt": "2 + 2?", "response": "4"})
     assert targets_text(qwen_tokenizer, record) == "4<|im_end|>"

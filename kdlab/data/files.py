@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLES = ("system", "user", "assistant", "tool")
-RECIPE_VERSION = 1  # bump when the encoding below changes: cached tokenisations are then rebuilt
+RECIPE_VERSION = 2  # bump when the encoding below changes: cached tokenisations are then rebuilt
+TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
 
 
 @dataclass(frozen=True)
@@ -203,10 +204,13 @@ class Encoder:
     def _chat(self, turns: list[dict], row: int):
         """The conversation through the chat template; every assistant turn is a target span.
 
-        The turns' texts are found in the rendered conversation in order; an assistant turn's
-        span runs from its text to its end-of-turn token (the first special token after it), so
-        whatever the template puts before an answer (a role header, an empty reasoning block)
-        is context, not target. Generation starts where the last answer's text starts.
+        Each assistant turn is located from the template's own structure, never by searching its
+        text (a short answer such as "a" or "think" also occurs in the template's headers): the
+        conversation is rendered again with that turn's content replaced by a marker, and the
+        answer starts where the marker does (the two renderings agree up to there). Its span runs
+        from there to its end-of-turn token (the first special token after it), so whatever the
+        template puts before an answer (a role header, an empty reasoning block) is context, not
+        target. Generation starts where the last answer's text starts.
         """
         where = self.source.where(row)
         if not self.tok.chat_template:
@@ -219,19 +223,17 @@ class Encoder:
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
         special = set(self.tok.all_special_ids)
         targets = [False] * len(ids)
-        prompt_len, end_token, cursor = len(ids), -1, 0
+        prompt_len, end_token = len(ids), -1
         for i, turn in enumerate(turns):
             text = turn["content"].strip()
             if not text:
                 if turn["role"] == "assistant":
                     raise ValueError(f"{where}: assistant turn {i} is empty; there is nothing to learn from it")
                 continue
-            at = full.find(text, cursor)
-            if at < 0:
-                raise ValueError(f"{where}: turn {i}'s text is not in the chat template's rendering (the template rewrites it)")
-            cursor = at + len(text)
             if turn["role"] != "assistant":
                 continue
+            at = self._answer_start(turns, i, full, where)
+            cursor = at + len(text)
             span = [t for t, (a, _) in enumerate(offsets) if at <= a < cursor or (a < at < offsets[t][1])]
             end = next((t for t in range(span[-1] + 1, len(ids)) if ids[t] in special), None) if span else None
             if end is not None:  # the end-of-turn token is a target: it is how the model learns to stop
@@ -243,6 +245,21 @@ class Encoder:
         last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
         asked = next((t["content"] for t in reversed(turns[:last]) if t["role"] != "assistant"), "")
         return ids, targets, prompt_len, asked, turns[last]["content"], end_token
+
+    def _answer_start(self, turns: list[dict], i: int, full: str, where: str) -> int:
+        """Where assistant turn ``i``'s (stripped) text starts in ``full``, the rendered conversation."""
+        marked = self.tok.apply_chat_template([*turns[:i], {**turns[i], "content": TURN_MARKER}, *turns[i + 1 :]], tokenize=False)
+        at = marked.find(TURN_MARKER)
+        raw, text = turns[i]["content"], turns[i]["content"].strip()
+        if at >= 0 and marked[:at] == full[:at]:
+            if full.startswith(raw, at):  # the template keeps the content as given
+                return at + len(raw) - len(raw.lstrip())
+            if full.startswith(text, at):  # the template strips it
+                return at
+        raise ValueError(
+            f"{where}: the chat template rewrites assistant turn {i} (its rendering does not hold the turn's text where the "
+            "turn goes), so its target tokens cannot be located; use prompt/response records or another template"
+        )
 
     def truncate(self, ids: list[int], targets: list[bool], prompt_len: int):
         """Cut a too-long record's prompt from the left (plain text: its end); drop it if its response cannot fit."""
