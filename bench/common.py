@@ -27,6 +27,16 @@ def default_config(*overrides: str):
     return cfg
 
 
+def real_pair():
+    """The real tier (experiment=real): tokenizer, data, SmolLM2-135M-Instruct and its pruned student (eval mode)."""
+    cfg = default_config("experiment=real", "trainer.accelerator=cpu")
+    tokenizer = instantiate(cfg.model.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).eval()
+    student = instantiate(cfg.model.student, tokenizer=tokenizer).eval()
+    return tokenizer, datamodule, teacher, student
+
+
 def default_pair_and_batch(cfg, device: str):
     """Untrained default teacher and student (timings do not depend on the weights) and one training batch."""
     tokenizer = instantiate(cfg.model.tokenizer)

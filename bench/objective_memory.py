@@ -54,17 +54,12 @@ ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.en
 def real_inputs(rows: int, path: Path) -> None:
     """Part 4's inputs (module docstring), written to ``path``: (h, h_t, w, w_t, labels) of ``rows`` positions."""
     import torch
-    from hydra.utils import instantiate
 
-    from bench.common import default_config
+    from bench.common import real_pair
     from kdlab.heads import last_hidden_rows
     from kdlab.losses.base import IGNORE_INDEX
 
-    cfg = default_config("experiment=real", "trainer.accelerator=cpu")
-    tokenizer = instantiate(cfg.model.tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).eval()
-    student = instantiate(cfg.model.student, tokenizer=tokenizer).eval()
+    _, datamodule, teacher, student = real_pair()
     h, h_t, labels = [], [], []
     with torch.no_grad():
         for batch in datamodule.train_dataloader():

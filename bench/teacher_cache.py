@@ -140,53 +140,42 @@ def relative_errors(loss, student, labels, teacher, ks):
     return errors
 
 
-def default_pair_logits(batches: int):
-    """Student and teacher logits (float64) at the labelled positions of training batches of the default pair."""
+def labelled_logits(teacher, student, datamodule, batches: int):
+    """Student and teacher logits (float64) at the labelled positions of the first training batches."""
     import torch
+
+    from kdlab.losses.base import IGNORE_INDEX
+
+    s_rows, t_rows, labels = [], [], []
+    with torch.no_grad():
+        for batch, _ in zip(datamodule.train_dataloader(), range(batches)):
+            mask = batch["labels"] != IGNORE_INDEX
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            s_rows.append(student.eval()(**inputs).logits[mask].double())
+            t_rows.append(teacher.eval()(**inputs).logits[mask].double())
+            labels.append(batch["labels"][mask])
+    return torch.cat(s_rows)[None], torch.cat(t_rows)[None], torch.cat(labels)[None]
+
+
+def default_pair_logits(batches: int):
+    """The default pair: its trained teacher and warm-start student."""
     from hydra.utils import instantiate
 
     from bench.common import default_config
-    from kdlab.losses.base import IGNORE_INDEX
     from kdlab.train import build_model
 
     cfg = default_config("trainer.accelerator=cpu")
     tok = instantiate(cfg.model.tokenizer)
     dm = instantiate(cfg.data, tokenizer=tok)
-    teacher, student = build_model(cfg, "teacher", tok, dm).eval(), build_model(cfg, "student", tok, dm).eval()
-    s_rows, t_rows, labels = [], [], []
-    with torch.no_grad():
-        for batch, _ in zip(dm.train_dataloader(), range(batches)):
-            mask = batch["labels"] != IGNORE_INDEX
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            s_rows.append(student(**inputs).logits[mask].double())
-            t_rows.append(teacher(**inputs).logits[mask].double())
-            labels.append(batch["labels"][mask])
-    return torch.cat(s_rows)[None], torch.cat(t_rows)[None], torch.cat(labels)[None]
+    return labelled_logits(build_model(cfg, "teacher", tok, dm), build_model(cfg, "student", tok, dm), dm, batches)
 
 
 def real_pair_logits(batches: int):
-    """Student and teacher logits (float64) at the labelled positions of training batches of the real
-    tier (experiment=real): SmolLM2-135M-Instruct and its depth-pruned 6-layer student, before training."""
-    import torch
-    from hydra.utils import instantiate
+    """The real tier (experiment=real): SmolLM2-135M-Instruct and its depth-pruned student, before training."""
+    from bench.common import real_pair
 
-    from bench.common import default_config
-    from kdlab.losses.base import IGNORE_INDEX
-
-    cfg = default_config("experiment=real", "trainer.accelerator=cpu")
-    tok = instantiate(cfg.model.tokenizer)
-    dm = instantiate(cfg.data, tokenizer=tok)
-    teacher = instantiate(cfg.model.teacher, tokenizer=tok).eval()
-    student = instantiate(cfg.model.student, tokenizer=tok).eval()
-    s_rows, t_rows, labels = [], [], []
-    with torch.no_grad():
-        for batch, _ in zip(dm.train_dataloader(), range(batches)):
-            mask = batch["labels"] != IGNORE_INDEX
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            s_rows.append(student(**inputs).logits[mask].double())
-            t_rows.append(teacher(**inputs).logits[mask].double())
-            labels.append(batch["labels"][mask])
-    return torch.cat(s_rows)[None], torch.cat(t_rows)[None], torch.cat(labels)[None]
+    _, dm, teacher, student = real_pair()
+    return labelled_logits(teacher, student, dm, batches)
 
 
 def zipf_logits(rows: int, vocab: int, seed: int = 0):
