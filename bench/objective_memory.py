@@ -26,7 +26,7 @@ For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd,
 4. With ``--real``, the inputs of 2. are real: the last hidden states of SmolLM2-135M-Instruct and of
    its depth-pruned student (experiment=real) at the labelled positions of the Python corpus's
    training batches, their output heads (the tied embeddings, V = 49,152, H = 576) and the labels;
-   gathered once into a temporary file that every measurement process loads.
+   gathered once, by a process of their own, into a temporary file that every measurement loads.
 
 Memory is the peak above the inputs, in units of one (N, V) float32 tensor; the gradients that
 every backward pass produces (the student logits', or h's and W's) are included. On CPU each
@@ -95,7 +95,11 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
     labels = torch.randint(0, vocab, (rows,), device=device)
     labels[: int(prompt_fraction * rows)] = IGNORE_INDEX  # the prompt positions (masked / selected modes)
     if real:
-        inputs = torch.load(real)
+        # memory-mapped and read once (resident before the baseline): a plain load's transient
+        # double copy would set ru_maxrss, a lifetime peak, above what the objective needs
+        inputs = torch.load(real, mmap=True)
+        for tensor in inputs.values():
+            tensor.sum()
         h, h_t, labels = inputs["h"].to(device).requires_grad_(True), inputs["h_t"].to(device), inputs["labels"].to(device)
         w, w_t = inputs["w"].to(device).requires_grad_(True), inputs["w_t"].to(device)
         if mode == "logits":  # the real logits as inputs
@@ -159,7 +163,11 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="SmolLM2's real hidden states and heads (part 4; needs the [real] extra)")
     parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # name vocab chunk device mode: run one measurement
     parser.add_argument("--real-file", help=argparse.SUPPRESS)  # part 4's inputs, gathered by the parent process
+    parser.add_argument("--gather-real", help=argparse.SUPPRESS)  # write part 4's inputs to this file
     args = parser.parse_args()
+    if args.gather_real:
+        real_inputs(args.rows, Path(args.gather_real))
+        return
     if args.one:
         name, vocab, chunk, device, mode = args.one
         chunk = chunk if chunk == "auto" else (int(chunk) or None)
@@ -169,7 +177,10 @@ def main() -> None:
         import tempfile
 
         args.real_file = str(Path(tempfile.mkdtemp(prefix="kdlab-real-")) / "inputs.pt")
-        real_inputs(args.rows, Path(args.real_file))
+        # in a process of its own: a measurement process starts with the peak RSS of the process it is
+        # forked from (Linux keeps the high-water mark across exec), so this one must never hold the models
+        subprocess.run([sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--gather-real", args.real_file],
+                       cwd=ROOT, check=True, env=ENV)
         args.vocab, args.hidden = [49_152], 576
         print("real inputs: SmolLM2-135M-Instruct and its 6-layer pruned student, labelled positions of the Python corpus")
     else:
