@@ -141,7 +141,7 @@ MAIN = Protocol(
 
 REAL_METRICS = {"test ppl": "test/ppl", "mean S/T ppl ratio": "gap/mean", "mean log S/T (nats)": "gap/mean_log",
                 "worst-domain S/T ratio": "gap/worst", "top-5 consistency": "test/top5_consistency",
-                "top-1 agreement": "test/top1_agreement"}
+                "top-20 overlap": "test/top20_overlap", "top-1 agreement": "test/top1_agreement"}
 REAL = Protocol(
     experiment="real",
     variants={name: [f"loss={name}"] for name in ("ce", "fkl", "rkl", "jsd", "tvd")},
@@ -158,6 +158,7 @@ REAL_RLKD = Protocol(
     variants={"KL": ["loss=fkl"], "KL+R (logits)": ["loss=rlkd", "loss.base=fkl", "loss.rank_logits=true"]},
     metrics=REAL_METRICS,
     claims=[Claim("KL+R (logits) raises top-5 consistency", "test/top5_consistency", "KL+R (logits)", "KL", True, "7.97% → 12.65%"),
+            Claim("KL+R (logits) raises top-20 overlap", "test/top20_overlap", "KL+R (logits)", "KL", True, "72.05% → 76.75%"),
             Claim("KL+R (logits) raises top-1 agreement", "test/top1_agreement", "KL+R (logits)", "KL", True, "not reported"),
             Claim("KL+R (logits) lowers the mean log S/T ppl ratio", "gap/mean_log", "KL+R (logits)", "KL", False, "not reported")],
     gaps=True,
