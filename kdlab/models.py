@@ -45,7 +45,7 @@ def model_folder(path: str | None, gguf_file: str | None, cache_dir: str | None,
     if (not path) == (not gguf_file):
         given = "both" if gguf_file else "neither"
         raise ValueError(f"{role}: give exactly one of path (a Hugging Face folder) and gguf_file (a .gguf file); {given} was given")
-    if gguf_file is None:
+    if not gguf_file:
         return _check_folder(path, role)
     from kdlab.gguf import converted
 
@@ -248,10 +248,10 @@ def pruned(
     tokenizer=None,
 ) -> PreTrainedModel:
     """A depth-pruned copy of a pretrained model: a subset of its decoder layers, everything else
-    (embeddings, final norm, output head) shared with it, the weights copied exactly.
+    (embeddings, final norm, output head) copied from it, the weights copied exactly.
 
-    The student initialisation of DistilBERT (Sanh et al., 2019, §3: "taking one layer out of
-    two" of the teacher) and of Minitron's depth pruning (Muralidharan et al., 2024, §2): keep
+    The student initialisation of DistilBERT (Sanh et al., 2019: one layer out of two of the
+    teacher) and Minitron's depth pruning (Muralidharan et al., 2024; docs/methods.md §5): keep
     ``layers`` (indices into the source's layers) or every ``every``-th layer from the first. The
     model is rebuilt from the source's config with fewer layers and given the kept layers' weights
     renumbered, so its config, caches and attention indices are those of a model of that depth and
