@@ -34,6 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import kdlab.resolvers  # noqa: F401  (the configs' resolvers: run folders, model=smollm2's file)
+from kdlab.data.records import json_lines
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +54,6 @@ class Prompt:
 # --- reading and checking the input (before any model is loaded) ----------------------------------
 
 
-def _json_lines(path: Path, what: str):
-    """(line number, record) of each non-blank line; a line that is not a JSON object is an error."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{what} {path}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{what} {path}, line {n}: a record must be a JSON object, got {type(record).__name__}")
-            yield n, record
-
-
 def read_prompts(path: str | Path, default_domain: str = "default") -> list[Prompt]:
     """The prompts of a JSONL file, checked: every error names the file and the line."""
     path = Path(path).expanduser()
@@ -77,7 +63,7 @@ def read_prompts(path: str | Path, default_domain: str = "default") -> list[Prom
             "(python -m kdlab.data.corpus OUT_DIR writes OUT_DIR/chat/prompts.jsonl)"
         )
     prompts, lines_of = [], {}
-    for n, record in _json_lines(path, "prompts file"):
+    for n, record in json_lines(path, "prompts file"):
         where = f"{path}, line {n}"
         if "messages" in record:
             turns = record["messages"]
@@ -128,7 +114,7 @@ def read_done(out: Path) -> set[str]:
         log.warning("%s ends with a partial line (a run stopped while writing it); it is removed and its prompt answered again", out)
         with out.open("r+b") as f:
             f.truncate(cut)
-    return {str(record.get("id")) for _, record in _json_lines(out, "output file")}
+    return {str(record.get("id")) for _, record in json_lines(out, "output file")}
 
 
 def read_unfinished(path: Path, max_new_tokens: int) -> set[str]:
@@ -137,7 +123,7 @@ def read_unfinished(path: Path, max_new_tokens: int) -> set[str]:
         return set()
     return {
         str(r.get("id"))
-        for _, r in _json_lines(path, "unfinished file")
+        for _, r in json_lines(path, "unfinished file")
         if not (r.get("reason") == "max_new_tokens" and int(r.get("max_new_tokens", 0)) < max_new_tokens)
     }
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdlab.data.datamodule import KDDataModule
-from kdlab.data.records import Record
+from kdlab.data.records import Record, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,8 @@ def read(source: Source):
 
 
 def _raise_on_bad_json_line(path: Path) -> None:
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+    for _ in json_lines(path):
+        pass
 
 
 @dataclass(frozen=True)

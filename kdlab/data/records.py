@@ -8,7 +8,10 @@ batches; it never needs to know which file format or task a record came from.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,20 @@ def prompt_answer_record(domain: str, prompt_ids: list[int], answer_ids: list[in
         prompt=prompt,
         answer=answer,
     )
+
+
+def json_lines(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSONL file; a line that is not a JSON object
+    is an error naming the file (after ``what``, e.g. "prompts") and the line."""
+    where = f"{what} {path}" if what else str(path)
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+            yield n, record
