@@ -184,7 +184,7 @@ class Evaluation(torch.nn.Module):
                 # the cached teacher values, logged beside every validation for side-by-side curves
                 metrics.update({f"{d}/teacher_ppl": torch.tensor(v) for d, v in self.teacher_val_ppl.items()})
         # how far the student is from the teacher per domain (1 = the teacher's perplexity; DDK's score)
-        ratios = {d: metrics[f"{d}/ppl"] / metrics[f"{d}/teacher_ppl"] for d in module.trainer.datamodule.domains
+        ratios = {d: metrics[f"{d}/ppl"] / metrics[f"{d}/teacher_ppl"] for d in trainer.datamodule.domains
                   if f"{d}/ppl" in metrics and f"{d}/teacher_ppl" in metrics}
         if ratios:
             metrics.update({f"{d}/ppl_ratio": r for d, r in ratios.items()})

@@ -13,6 +13,7 @@ folder directly.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -63,13 +64,21 @@ def check_gguf(gguf_file: str, what: str) -> Path:
 def converted(gguf_file: str, cache_dir: str, what: str = "model") -> Path:
     """The cached Hugging Face folder of ``gguf_file``, converted now if this is its first use."""
     source = check_gguf(gguf_file, what)
-    digest = cache.file_sha256(source)
+    stat = source.stat()
+    digest = _sha256(source.resolve(), stat.st_size, stat.st_mtime_ns)
     path = Path(cache_dir).expanduser() / "gguf" / f"{source.stem}-{digest[:16]}"
     settings = {"format_version": FORMAT_VERSION, "source": source.name, "source_sha256": digest}
     if cache.load(path, settings, FILES, f"conversion of {source.name}") is None:
         log.info("Converting %s to a Hugging Face folder (first use; dequantising every tensor); cached at %s", source, path)
         cache.write(path, lambda tmp: _convert(source, tmp), settings, FILES)
     return path
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's digest, once per process for an unchanged file: a run resolves the tokenizer, the
+    teacher and a pruned student from one GGUF (seconds each for a multi-GB file)."""
+    return cache.file_sha256(path)
 
 
 def _convert(source: Path, out: Path) -> None:

@@ -39,12 +39,17 @@ def _check_folder(path: str, what: str) -> Path:
     return folder
 
 
-def model_folder(path: str | None, gguf_file: str | None, cache_dir: str | None, role: str) -> Path:
-    """The local folder a model or tokenizer is read from: ``path`` itself, or the cached conversion of
-    ``gguf_file`` (kdlab/gguf.py). Exactly one of the two is given."""
+def check_source(path: str | None, gguf_file: str | None, role: str) -> None:
+    """A pretrained model comes from exactly one of a folder (``path``) and a GGUF file (``gguf_file``)."""
     if (not path) == (not gguf_file):
         given = "both" if gguf_file else "neither"
         raise ValueError(f"{role}: give exactly one of path (a Hugging Face folder) and gguf_file (a .gguf file); {given} was given")
+
+
+def model_folder(path: str | None, gguf_file: str | None, cache_dir: str | None, role: str) -> Path:
+    """The local folder a model or tokenizer is read from: ``path`` itself, or the cached conversion of
+    ``gguf_file`` (kdlab/gguf.py). Exactly one of the two is given."""
+    check_source(path, gguf_file, role)
     if not gguf_file:
         return _check_folder(path, role)
     from kdlab.gguf import converted

@@ -100,18 +100,13 @@ def check_run(cfg: DictConfig) -> None:
 
 
 def check_model_sources(model: DictConfig) -> None:
-    """A pretrained model comes from exactly one of a folder (``path``) and a GGUF file (``gguf_file``)."""
+    """Each pretrained model's source (kdlab.models.check_source), before anything is built."""
+    from kdlab.models import check_source  # transformers: imported only when a run is checked
+
     for role in ("teacher", "student"):
         node = model.get(role)
-        if node is None or "path" not in node or "gguf_file" not in node:
-            continue  # built from a config (the embedded default)
-        path, gguf = node.get("path"), node.get("gguf_file")
-        if bool(path) == bool(gguf):
-            given = "both" if path else "neither"
-            raise ValueError(
-                f"model.{role}: give exactly one of model.{role}.path (a Hugging Face folder) and model.{role}.gguf_file "
-                f"(a .gguf file); {given} was given"
-            )
+        if node is not None and "path" in node and "gguf_file" in node:  # not built from a config
+            check_source(node.get("path"), node.get("gguf_file"), f"model.{role}")
 
 
 def check_batches(datamodule, batch_size: int, accumulate: int = 1) -> None:
