@@ -33,7 +33,7 @@ from omegaconf import open_dict
 from bench.common import default_config
 from kdlab.models import distillation_vocab_size
 from kdlab.module import DistillModule
-from kdlab.train import build_model
+from kdlab.build import build_model
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 

@@ -40,7 +40,8 @@ from transformers import AutoModelForCausalLM
 
 from kdlab.models import distillation_vocab_size
 from kdlab.rollout import sample
-from kdlab.train import build_model, run
+from kdlab.build import build_model
+from kdlab.train import run
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 VARIANTS = {

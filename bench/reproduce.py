@@ -236,7 +236,7 @@ def exposure_metrics(run_dir: Path, seed: int) -> dict:
     from kdlab.exposure import accumulated_error, excess_accumulated_error
     from kdlab.models import distillation_vocab_size
     from kdlab.rollout import sample
-    from kdlab.train import build_model
+    from kdlab.build import build_model
 
     torch.set_num_threads(1)
     cfg, story_cfg = exposure_configs()

@@ -162,7 +162,7 @@ def default_pair_logits(batches: int):
     from hydra.utils import instantiate
 
     from bench.common import default_config
-    from kdlab.train import build_model
+    from kdlab.build import build_model
 
     cfg = default_config("trainer.accelerator=cpu")
     tok = instantiate(cfg.model.tokenizer)

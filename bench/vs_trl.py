@@ -59,7 +59,7 @@ from hydra.utils import instantiate
 from bench.common import default_config, default_pair_and_batch, interleaved_medians
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
-from kdlab.teacher_cache import teacher_temperature
+from kdlab.teacher_cache import cached_temperature
 from kdlab.module import DistillModule
 
 
@@ -175,14 +175,16 @@ def main() -> None:
     # -- kdlab ----------------------------------------------------------------------------------
     for name in [*losses, *cached]:
         loss = losses[cached.get(name, name)]
-        module = StandaloneModule(copy.deepcopy(student), teacher, loss, tokenizer, datamodule=datamodule).train()
+        module = StandaloneModule(
+            copy.deepcopy(student), teacher, loss, tokenizer, datamodule=datamodule, teacher_cached=name in cached
+        ).train()
         optimizer = torch.optim.AdamW(module.student.parameters(), lr=args.lr)
         key = f"kdlab {name}"
         tokens[key] = []
         step_batch = batch
         if name in cached:
             with torch.no_grad():
-                signals = sparse_teacher(module.teacher_logits(batch), args.cache_k, teacher_temperature(loss))
+                signals = sparse_teacher(module.teacher_logits(batch), args.cache_k, cached_temperature(loss, args.cache_k))
             step_batch = {**batch, "teacher_signals": signals.as_dict()}
 
         def run(module=module, optimizer=optimizer, key=key, step_batch=step_batch):
@@ -190,7 +192,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            buffer = module._rollout_buffer
+            buffer = getattr(module.step, "buffer", None)  # a rollout loss's buffer (kdlab/steps.py)
             labels = buffer.rollout.labels if buffer is not None else batch["labels"]
             tokens[key].append(int((labels != IGNORE_INDEX).sum()))
 

@@ -19,9 +19,27 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "kdlab-cache.json"
+
+
+def cache_key(*parts) -> str:
+    """A short stable hash of config nodes and plain values."""
+    plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
+    blob = json.dumps(plain, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def data_fingerprint(datamodule) -> str:
+    """A hash of the tokenised training split itself (ids, targets, domains), so that a change of the
+    data behind an unchanged config (a new generator, edited files) is a new cache entry."""
+    digest = hashlib.sha256()
+    for r in datamodule.records["train"]:
+        digest.update(json.dumps([r.domain, r.input_ids, r.targets]).encode())
+    return digest.hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained
 from kdlab.module import DistillModule
-from kdlab.train import build_model
+from kdlab.build import build_model
 
 log = logging.getLogger(__name__)
 

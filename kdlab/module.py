@@ -1,16 +1,16 @@
-"""DistillModule: a frozen teacher, a student, and one pluggable loss callable.
+"""DistillModule: the Lightning wiring of a frozen teacher, a student and one pluggable loss.
 
-The module never knows which loss it holds: it runs the forwards, hands a :class:`KDBatch` to
-the loss and logs the :class:`LossOutput`. Validation and test passes are handed to
-:class:`kdlab.evaluation.Evaluation` (per-domain perplexity, generations, ROUGE, calibration,
-agreement, the samples table), which ``python -m kdlab.evaluate`` shares.
+The module never knows which loss it holds: the training step that serves the loss's declared
+``Needs`` is chosen once, here (kdlab/steps.py), and the module logs the :class:`LossOutput` it
+returns. Validation and test passes are handed to :class:`kdlab.evaluation.Evaluation`
+(per-domain perplexity, generations, ROUGE, calibration, agreement, the samples table), which
+``python -m kdlab.evaluate`` shares.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
 
 import lightning as L
 import torch
@@ -20,12 +20,10 @@ from torch import Tensor
 
 from kdlab.evaluation import Evaluation
 from kdlab.heads import labelled_logits
-from kdlab.losses.base import IGNORE_INDEX, KDBatch
-from kdlab.losses.fused import fused_training_loss
-from kdlab.losses.sparse import SparseTeacher
+from kdlab.losses.base import IGNORE_INDEX, LossOutput, needs_of
 from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
-from kdlab.rollout import RolloutBuffer, RolloutKDBatch, plain_text_labels, sample, token_logprobs
+from kdlab.steps import choose_step
 
 # Lightning warns about every module in eval mode when training starts. The frozen teacher is in
 # eval mode by design (482 modules for SmolLM2), so that warning is replaced by the module's own
@@ -47,7 +45,8 @@ class DistillModule(L.LightningModule):
     The teacher is frozen (no gradients, always in eval mode, run under ``no_grad``) and is
     stripped from every checkpoint; only the student is optimised, with AdamW and a linear
     warmup + cosine learning-rate schedule. ``vocab_size`` truncates both models' logits to the
-    vocabulary they share (see ``kdlab.models.distillation_vocab_size``).
+    vocabulary they share (see ``kdlab.models.distillation_vocab_size``). ``teacher_cached``: the
+    training batches carry the teacher cache's rows (``teacher_cache.k``) instead of a teacher forward.
     """
 
     def __init__(
@@ -64,6 +63,7 @@ class DistillModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         generate_in_validation: bool = True,
         eval_settings: EvalSettings | None = None,
+        teacher_cached: bool = False,
     ):
         super().__init__()
         check_optimisation(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
@@ -80,8 +80,7 @@ class DistillModule(L.LightningModule):
         self.generate_in_validation = generate_in_validation
         self.evaluation = Evaluation(eval_settings, tokenizer, vocab_size)
         self.strict_loading = False  # checkpoints hold no teacher weights
-        self._rollout_buffer: RolloutBuffer | None = None  # for losses that need rollouts (MiniLLM, on-policy KD)
-        self._rollout_generator: torch.Generator | None = None
+        self.step = choose_step(needs_of(loss), teacher_cached)  # kdlab/steps.py
 
     # -- the frozen teacher -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -104,10 +103,8 @@ class DistillModule(L.LightningModule):
         checkpoint["kdlab"] = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "rollout_generator": self._rollout_generator.get_state() if self._rollout_generator is not None else None,
-            "rollout_device": str(self._rollout_generator.device) if self._rollout_generator is not None else None,
-            "rollout_buffer": self._rollout_buffer.state_dict() if self._rollout_buffer is not None else None,
             "teacher_val_ppl": self.evaluation.teacher_val_ppl,
+            **self.step.state_dict(),  # the rollout buffer and sampling stream, for rollout losses
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -117,15 +114,10 @@ class DistillModule(L.LightningModule):
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if state["rollout_generator"] is not None:
-            self._rollout_generator = torch.Generator(state["rollout_device"])
-            self._rollout_generator.set_state(state["rollout_generator"])
-        if state["rollout_buffer"] is not None:
-            self._rollout_buffer = RolloutBuffer(self.loss.rollout, seed=torch.initial_seed())
-            self._rollout_buffer.load_state_dict(state["rollout_buffer"])
+        self.step.load_state_dict(state)
         self.evaluation.teacher_val_ppl = state["teacher_val_ppl"]
 
-    # -- forwards -----------------------------------------------------------------------------
+    # -- forwards, for the training steps (kdlab/steps.py) --------------------------------------
     def logits(self, model, batch: dict) -> Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return logits if self.vocab_size is None else logits[..., : self.vocab_size]
@@ -143,7 +135,7 @@ class DistillModule(L.LightningModule):
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
         return labelled_logits(model, batch, mask, self.vocab_size, through_head=not sharded)
 
-    def _num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
+    def num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
         """The normaliser that makes an optimiser step's loss Σ(valid tokens) / N(valid tokens).
 
         N counts the whole step: every rank and, under gradient accumulation, every micro-batch.
@@ -161,41 +153,11 @@ class DistillModule(L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="mean")
         return count
 
+    # -- training -----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # -- loss.fused_head: the objective from hidden states and heads, no (N, V) logits ----------
-        if getattr(self.loss, "fused_head", False):  # kdlab/losses/fused.py; refuses rollout losses
-            num_tokens = self._num_tokens(batch["labels"], batch)
-            out = fused_training_loss(self.loss, self.student, self.teacher, batch, self.vocab_size, num_tokens)
-            return self._log_loss(out, batch["domain"])
-        # -- on-policy losses (MiniLLM, on-policy KD) train on samples: see _rollout_training_step --
-        if getattr(self.loss, "needs_rollouts", False):
-            loss = self._rollout_training_step(batch)
-            if loss is not None:  # None: this step trains on the data batch, as below
-                return loss
-        # -------------------------------------------------------------------------------------------
-        # -- teacher_cache.k: the batch carries the cached teacher rows (kdlab/teacher_cache.py) ------
-        # then no teacher forward: the objective gets a sparse view (top-k + tail, kdlab/losses/sparse.py)
-        teacher_sparse = SparseTeacher.from_dict(batch["teacher_signals"]) if "teacher_signals" in batch else None
-        # The teacher runs first: run after the student, its forward competes for memory with the
-        # student's live autograd graph, which cost ~25% of a step on CPU (bench/step_overhead.py).
-        needs_teacher = getattr(self.loss, "needs_teacher", True) and teacher_sparse is None
-        # only labelled positions reach the heads and the objective's softmaxes (prompts and padding
-        # carry no label): every tensor below is one row of the N labelled tokens
-        mask = batch["labels"] != IGNORE_INDEX
-        teacher_logits = None
-        if needs_teacher:
-            with torch.no_grad():
-                teacher_logits = self.labelled_logits(self.teacher, batch, mask)
-        kd_batch = KDBatch(
-            student_logits=self.labelled_logits(self.student, batch, mask),
-            teacher_logits=teacher_logits,
-            labels=batch["labels"][mask].unsqueeze(0),
-            num_tokens=self._num_tokens(batch["labels"], batch),
-            teacher_sparse=teacher_sparse.map(lambda t: t[mask].unsqueeze(0)) if teacher_sparse is not None else None,
-        )
-        return self._log_loss(self.loss(kd_batch), batch["domain"])
+        return self._log_loss(self.step(self, batch), batch["domain"])
 
-    def _log_loss(self, out, domain: Tensor | None) -> Tensor:
+    def _log_loss(self, out: LossOutput, domain: Tensor | None) -> Tensor:
         if not torch.isfinite(out.loss):
             # stop before a NaN step reaches the weights: the last checkpoint stays the last good one
             names = getattr(self.trainer.datamodule, "domains", None) if self._trainer is not None else None
@@ -220,84 +182,6 @@ class DistillModule(L.LightningModule):
                 "diverged. Lower module.lr or try trainer.precision=32-true; the last checkpoint is the last good "
                 "student, and nothing is exported"
             )
-
-    # -- rollouts (kdlab/rollout.py): losses with ``needs_rollouts`` -------------------------------
-    def _rollout_training_step(self, batch: dict) -> Tensor | None:
-        """One training step on rollouts of the batch's prompts, or None on a data-batch step.
-
-        The buffer (``loss.rollout`` settings) decides when to sample anew and which mini-batch of
-        rollouts this step gets. The loss receives a :class:`RolloutKDBatch`: logits of both models
-        on the sampled sequences, the rollout-time log-probs, and, if the loss asks for it, the data
-        batch's full sequences as plain text for a pre-training term (``needs_plain_text``).
-        """
-        if self._rollout_buffer is None:
-            self._rollout_buffer = RolloutBuffer(self.loss.rollout, seed=torch.initial_seed())
-        rollout = self._rollout_buffer.next(batch, self._sample)
-        if rollout is None:
-            return None
-        inputs = rollout.model_inputs()
-        labels = rollout.labels
-        plain = None
-        if getattr(self.loss, "needs_plain_text", False):
-            # the data's pre-training corpus (data.pretrain) when it has one, else the batch's own sequences
-            text = batch.get("plain") or {
-                "input_ids": batch["input_ids"],
-                "attention_mask": batch["attention_mask"],
-                "labels": plain_text_labels(batch["input_ids"], batch["attention_mask"]),
-            }
-            plain = KDBatch(
-                student_logits=self.logits(self.student, text),
-                teacher_logits=self.teacher_logits(text) if getattr(self.loss, "needs_plain_text_teacher", False) else None,
-                labels=text["labels"],
-                domain=batch["domain"],
-                num_tokens=self._num_tokens(text["labels"]),
-            )
-        teacher_logits = self.teacher_logits(inputs)
-        stats = self._rollout_buffer.stats
-        if rollout.logp_teacher is None:
-            # the student sampled alone: this forward scores its tokens (one teacher forward per step, not two)
-            rollout = replace(rollout, logp_teacher=token_logprobs(teacher_logits, labels))
-            stats = {**stats, "rev_kl": rollout.sequence_reverse_kl().mean()}
-        kd_batch = RolloutKDBatch(
-            student_logits=self.logits(self.student, inputs),
-            teacher_logits=teacher_logits,
-            labels=labels,
-            domain=rollout.domain,
-            num_tokens=self._num_tokens(labels),
-            old_logprobs=rollout.logp_student,
-            sample_logprobs=rollout.logp_sample,
-            teacher_logprobs=rollout.logp_teacher,
-            plain=plain,
-            stats=stats,
-        )
-        return self._log_loss(self.loss(kd_batch), kd_batch.domain)
-
-    @torch.no_grad()
-    def _sample(self, prompt_ids: Tensor, prompt_mask: Tensor, teacher_mix: float, score_teacher: bool = True):
-        """Rollouts of left-padded prompts; the student samples in eval mode (no dropout), as it is
-        then the policy whose log-probs the loss treats as q_old."""
-        settings = self.loss.rollout
-        if self._rollout_generator is None:  # its own stream from the run's seed (and rank); the global RNG is untouched
-            self._rollout_generator = torch.Generator(prompt_ids.device).manual_seed(torch.initial_seed() + self.global_rank)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            return sample(
-                self.student,
-                self.teacher,
-                prompt_ids,
-                prompt_mask,
-                eos_token_id=self.trainer.datamodule.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                max_new_tokens=settings.max_new_tokens or self.trainer.datamodule.max_new_tokens,
-                teacher_mix=teacher_mix,
-                vocab_size=self.vocab_size,
-                generator=self._rollout_generator,
-                score_teacher=score_teacher,
-                **settings.sampling,
-            )
-        finally:
-            self.student.train(was_training)
 
     # -- evaluation (kdlab/evaluation.py, shared with kdlab.evaluate) -------------------------
     @property

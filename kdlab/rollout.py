@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.losses.base import IGNORE_INDEX, RolloutSettings
 
 
 @dataclass
@@ -305,71 +305,6 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 # -- the outer loop ------------------------------------------------------------------------------
-
-
-@dataclass
-class RolloutSettings:
-    """How a loss that ``needs_rollouts`` gets its samples (the loss holds one as ``.rollout``).
-
-    Sampling: ``teacher_mix`` α (p̃ = α·p + (1−α)·q), ``temperature``, ``top_p``, ``top_k``
-    (0 = off), ``max_new_tokens`` (None = the data's longest answer + <eos>), ``use_cache``.
-    Loop: ``num_rollouts`` prompts of the current data batch are sampled (None = the whole batch;
-    more than the batch repeats its prompts, each sampled independently), then served as
-    mini-batches of ``mini_batch_size`` (None = all) for ``epochs`` shuffled passes — one
-    optimisation step each — before the next refresh. ``fraction`` of the training steps use
-    rollouts (the others are ordinary data batches; GKD's λ). ``log_student_rev_kl``: with α > 0,
-    also sample the pure student at each refresh to log its sequence-level reverse KL.
-    """
-
-    teacher_mix: float = 0.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int | None = None
-    use_cache: bool = True
-    num_rollouts: int | None = None
-    mini_batch_size: int | None = None
-    epochs: int = 1
-    fraction: float = 1.0
-    log_student_rev_kl: bool = True
-
-    def __post_init__(self):
-        checks = {
-            "teacher_mix": 0.0 <= self.teacher_mix <= 1.0,
-            "temperature": self.temperature > 0,
-            "top_p": 0.0 < self.top_p <= 1.0,
-            "top_k": self.top_k >= 0,
-            "max_new_tokens": self.max_new_tokens is None or self.max_new_tokens >= 1,
-            "num_rollouts": self.num_rollouts is None or self.num_rollouts >= 1,
-            "mini_batch_size": self.mini_batch_size is None or self.mini_batch_size >= 1,
-            "epochs": self.epochs >= 1,
-            "fraction": 0.0 <= self.fraction <= 1.0,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid rollout setting(s) {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: teacher_mix and "
-                "fraction in [0, 1], temperature > 0, top_p in (0, 1], top_k >= 0, the sizes >= 1 (or null)"
-            )
-
-    @property
-    def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "use_cache": self.use_cache}
-
-
-@dataclass
-class RolloutKDBatch(KDBatch):
-    """A KDBatch on rollouts: logits and ``labels`` are those of the sampled sequences, plus the
-    rollout-time log-probs of the sampled tokens (aligned with ``labels``, 0 elsewhere):
-    ``old_logprobs`` (the student when sampling, q_old), ``sample_logprobs`` (p̃) and
-    ``teacher_logprobs`` (p). ``plain`` is a KDBatch on plain text for a pre-training term (or
-    None); ``stats`` are rollout statistics for the loss's logs."""
-
-    old_logprobs: Tensor | None = None
-    sample_logprobs: Tensor | None = None
-    teacher_logprobs: Tensor | None = None
-    plain: KDBatch | None = None
-    stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 def plain_text_labels(input_ids: Tensor, attention_mask: Tensor) -> Tensor:

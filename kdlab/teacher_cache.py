@@ -14,10 +14,10 @@ outcomes — an approximation, said in a warning (the tail treatment: kdlab/loss
 
 The key hashes everything that changes the stored values: the teacher (a strided sample of every
 weight tensor, and its config node), the tokenizer, the tokenised training split
-(:func:`kdlab.pretrain.data_fingerprint`), k, the distillation vocabulary (its truncation), the
+(:func:`kdlab.cache.data_fingerprint`), k, the distillation vocabulary (its truncation), the
 temperature (the tail mass at one τ cannot be derived from another's, so each τ is its own
 entry, exact), the trainer's precision and a format version. An entry is written the way
-kdlab/pretrain.py writes a model: into a temporary folder renamed when complete, with a manifest
+kdlab/warm_start.py writes a model: into a temporary folder renamed when complete, with a manifest
 of checksums written last and verified on load, so a corrupted or half-written entry is rebuilt,
 never read.
 
@@ -54,10 +54,9 @@ import torch
 from torch import Tensor
 
 from kdlab import cache
-from kdlab.cache import MANIFEST
-from kdlab.losses.base import IGNORE_INDEX
+from kdlab.cache import MANIFEST, cache_key, data_fingerprint
+from kdlab.losses.base import IGNORE_INDEX, needs_of
 from kdlab.losses.sparse import SparseTeacher, sparse_teacher
-from kdlab.pretrain import cache_key, data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +79,6 @@ def approximation_note(k: int) -> str:
 
 
 # -- settings, checked before any model is built ----------------------------------------------------
-def teacher_temperature(loss) -> float:
-    """The τ at which ``loss`` needs the teacher's normaliser and tail: ``teacher_temperature`` if the
-    loss defines it (RLKD: 1), else its ``temperature`` (the §1 objectives), else 1."""
-    if hasattr(loss, "teacher_temperature"):
-        return float(loss.teacher_temperature)
-    return float(getattr(loss, "temperature", 1.0))
-
-
 def check_request(settings, loss, tokenizer_size: int) -> int | None:
     """``teacher_cache.k`` for this run, or None when the cache is off or has nothing to do.
 
@@ -100,33 +91,47 @@ def check_request(settings, loss, tokenizer_size: int) -> int | None:
     if k is None:
         return None
     name = type(loss).__name__
+    needs = needs_of(loss)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"teacher_cache.k={k!r} must be an integer >= 1 (the teacher's top-k ids cached per position) or null (off)")
-    if not getattr(loss, "needs_teacher", True):
+    if not needs.teacher:
         log.info("teacher_cache.k=%d has nothing to cache: %s uses no teacher", k, name)
         return None
-    if getattr(loss, "needs_rollouts", False):
+    if needs.rollouts is not None:
         raise ValueError(
             f"teacher_cache.k={k} caches the teacher on the training records, but {name} trains on the student's own "
             "samples (rollouts), which the teacher must score as they are drawn: set teacher_cache.k=null for "
             "rollout losses (minillm, onpolicy)"
         )
-    if getattr(loss, "fused_head", False):
+    if needs.fused_head:
         raise ValueError(
             f"teacher_cache.k={k} and loss.fused_head=true both replace the teacher's logits (the cache by its stored "
             "top-k, the fused head by its hidden states): set one of teacher_cache.k=null or loss.fused_head=false"
         )
-    if not getattr(loss, "accepts_sparse_teacher", False):
+    if not needs.sparse_teacher:
         raise ValueError(
             f"teacher_cache.k={k}: {name} reads the teacher's dense logits and does not take the cache's top-k view "
-            "(kdlab.losses.sparse); set teacher_cache.k=null, or make the loss accept KDBatch.teacher_sparse"
+            "(kdlab.losses.sparse); set teacher_cache.k=null, or make the loss accept KDBatch.teacher_sparse "
+            "(Needs(sparse_teacher=True))"
         )
-    teacher_temperature(loss)  # RLKD with a base at another temperature is refused here
-    needed = getattr(loss, "k", None)  # RLKD ranks the teacher's top-loss.k ids
-    if isinstance(needed, int) and needed > k:
+    cached_temperature(loss, k)
+    needed = needs.ranked_top_k  # RLKD ranks the teacher's top-loss.k ids
+    if needed is not None and needed > k:
         raise ValueError(f"loss.k={needed}: RLKD ranks the teacher's top-{needed} ids, and teacher_cache.k={k} caches {k}; set teacher_cache.k >= {needed}")
     check_vocabulary(k, tokenizer_size, "the tokenizer's whole")
     return k
+
+
+def cached_temperature(loss, k: int) -> float:
+    """The τ at which ``loss`` needs the cached teacher's normaliser and tail (``Needs.teacher_temperature``)."""
+    temperature = needs_of(loss).teacher_temperature
+    if temperature is None:
+        raise ValueError(
+            f"teacher_cache.k={k}: {type(loss).__name__} reads the teacher at two temperatures (loss=rlkd ranks its "
+            "probabilities at temperature 1, and its base is at another); one cached teacher holds the tail mass at "
+            "one temperature: set teacher_cache.k=null or give the base temperature 1"
+        )
+    return float(temperature)
 
 
 def check_vocabulary(k: int, vocab: int, what: str = "the whole distillation") -> None:
@@ -353,7 +358,7 @@ def prepare(
 ) -> TeacherSignals:
     """The run's cached teacher signals: loaded if an entry for this key exists and is intact, else built."""
     check_vocabulary(k, vocab_size)
-    temperature = teacher_temperature(loss)
+    temperature = cached_temperature(loss, k)
     log.warning("%s", approximation_note(k))
     key = signal_key(teacher, tokenizer, datamodule, k, vocab_size, temperature, precision, teacher_config)
     path = Path(cache_dir).expanduser() / "teacher_signals" / key

@@ -29,37 +29,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.callbacks.throughput import Throughput
-from kdlab.data.files import tokenizer_fingerprint
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
+from kdlab.build import build_model
+from kdlab.losses.base import needs_of
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_cache_dir, check_run, check_trained
-from kdlab.pretrain import cache_key, data_fingerprint, load_or_train
 from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
 from kdlab.summary import FAILED
 
 log = logging.getLogger(__name__)
-
-def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
-    """The teacher or the student; CE-trained first (and cached) where ``model.<role>_training`` is set."""
-    model = instantiate(cfg.model[role], tokenizer=tokenizer)
-    training = cfg.model.get(f"{role}_training")
-    if not training:
-        return model  # used as it is: a pretrained model, or a student distilled from scratch
-    splits = cfg.data.get("splits", cfg.data)  # the suite's generator settings, or the whole file-data config
-    if training.get("n_train"):
-        if "splits" not in cfg.data:
-            raise ValueError(f"model.{role}_training.n_train applies to the built-in suite (data=suite) only; remove it")
-        # Trained on more examples than the distillation's transfer set (as a real teacher has
-        # seen a larger corpus); build_suite draws val/test first, so they stay identical.
-        splits = OmegaConf.merge(splits, {"n_train": training.n_train})
-        datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
-    settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
-    batch_size = training.get("batch_size") or cfg.data.batch_size  # its own, or the distillation's
-    # the tokenizer itself, not only its config node: a changed vocabulary resizes the model's embeddings
-    tokens = tokenizer_fingerprint(tokenizer)
-    key = cache_key(cfg.model[role], cfg.model.tokenizer, tokens, settings, splits, batch_size, data_fingerprint(datamodule))
-    return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)
-
 
 def final_metrics(trainer, module, datamodule, train_only: bool) -> dict[str, float]:
     """The run's final metrics: val and test of the best student by val/loss (the exported one), the
@@ -108,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     check_batches(datamodule, cfg.data.batch_size, cfg.trainer.get("accumulate_grad_batches", 1))
     eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
-    if getattr(loss, "needs_rollouts", False) and not any(r.prompt_len for r in datamodule.records["train"]):
+    if needs_of(loss).rollouts is not None and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
     teacher = build_model(cfg, "teacher", tokenizer, datamodule)
     student = build_model(cfg, "student", tokenizer, datamodule)
@@ -116,7 +94,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_causal(model, role, cfg.model[role].get("path", ""))
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
-    module = DistillModule(student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, **cfg.module)
+    module = DistillModule(
+        student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, teacher_cached=bool(cache_k), **cfg.module
+    )
 
     logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
     if logger:

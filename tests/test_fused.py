@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -239,19 +241,16 @@ def test_a_plain_head_is_accepted():
     assert plain_head(model, "student") is model.lm_head
 
 
-def test_rollout_losses_are_refused(tokenizer):
+def test_rollout_losses_are_refused_when_the_module_is_built(tokenizer):
     loss = load_loss("onpolicy")
-    loss.fused_head = True  # e.g. a custom on-policy loss that sets it
-    module = DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), loss, tokenizer)
+    loss.needs = replace(loss.needs, fused_head=True)  # e.g. a custom on-policy loss that declares it
     with pytest.raises(ValueError, match="trains on rollouts.*set loss.fused_head=false"):
-        module.training_step(step_batch(tokenizer), 0)
+        DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), loss, tokenizer)
 
 
 def test_the_fused_head_and_the_teacher_cache_are_refused_together(tokenizer):
-    module = DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), build("fkl", fused_head=True), tokenizer)
-    batch = {**step_batch(tokenizer), "teacher_signals": {}}
     with pytest.raises(ValueError, match="teacher_cache.k is set.*set loss.fused_head=false or teacher_cache.k=null"):
-        module.training_step(batch, 0)
+        DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), build("fkl", fused_head=True), tokenizer, teacher_cached=True)
 
 
 def test_non_token_sum_settings_and_bad_values_are_refused():
@@ -285,12 +284,12 @@ def test_the_switch_reaches_the_loss():
 
 
 def test_a_run_with_the_switch_on_trains_through_the_fused_path(tiny_cfg, monkeypatch):
-    import kdlab.module
+    import kdlab.steps
     from kdlab.train import run
 
     calls = []
-    original = kdlab.module.fused_training_loss
-    monkeypatch.setattr(kdlab.module, "fused_training_loss", lambda *a: calls.append(1) or original(*a))
+    original = kdlab.steps.fused_head_loss
+    monkeypatch.setattr(kdlab.steps, "fused_head_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     cfg = tiny_cfg("loss=jsd", "loss.fused_head=true", "loss.temperature=2.0", "trainer.max_steps=2", "trainer.val_check_interval=2")
     metrics = run(cfg)
     assert len(calls) == 2 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())

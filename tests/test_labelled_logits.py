@@ -57,7 +57,7 @@ def test_the_training_step_equals_the_full_logits_path(tokenizer, name, chunk_si
 
 def test_the_teacher_cache_rows_are_selected_like_the_logits(tokenizer):
     student, teacher = llama(tokenizer, 16, padded_rows=3), llama(tokenizer, 24, seed=1)
-    module = DistillModule(student, teacher, build("fkl", temperature=1.0), tokenizer, vocab_size=len(tokenizer))
+    module = DistillModule(student, teacher, build("fkl", temperature=1.0), tokenizer, vocab_size=len(tokenizer), teacher_cached=True)
     batch = step_batch(tokenizer, seed=2)
     with torch.no_grad():
         signals = sparse_teacher(module.teacher_logits(batch), 8)

@@ -25,7 +25,8 @@ from kdlab.losses.minillm import (
     whiten,
 )
 from kdlab.models import from_config
-from kdlab.rollout import RolloutKDBatch, RolloutSettings, sample
+from kdlab.losses.base import RolloutKDBatch, RolloutSettings
+from kdlab.rollout import sample
 from kdlab.train import run
 from tests.conftest import CONF_DIR
 
@@ -332,7 +333,7 @@ def test_loss_terms_and_logs_at_the_old_policy():
     batch, _ = rollout_batch(with_plain=False)
     out = MiniLLM(single_step=False, lm_coef=0.0)(batch)
     assert "single" not in out.logs and "pt" not in out.logs and out.loss.item() == pytest.approx(float(out.logs["pg"]))
-    assert not MiniLLM(lm_coef=0.0).needs_plain_text and MiniLLM(pt_kd_ratio=0.5).needs_plain_text_teacher
+    assert not MiniLLM(lm_coef=0.0).needs.plain_text and MiniLLM(pt_kd_ratio=0.5).needs.plain_text_teacher
     batch, _ = rollout_batch()
     lm = MiniLLM()(batch).logs["pt"]
     plain = batch.plain

@@ -10,7 +10,8 @@ from transformers import LlamaConfig
 from kdlab.data.suite import build_tokenizer
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.models import from_config
-from kdlab.rollout import RolloutBuffer, RolloutSettings, plain_text_labels, sample, sampling_log_probs, token_logprobs
+from kdlab.losses.base import RolloutSettings
+from kdlab.rollout import RolloutBuffer, plain_text_labels, sample, sampling_log_probs, token_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from hydra.utils import instantiate
 from transformers import BertConfig, BertLMHeadModel
 
 import kdlab.train
-from kdlab.losses.base import LossOutput
+from kdlab.losses.base import LossOutput, Needs
 from kdlab.preflight import check_trained
-from kdlab.pretrain import MANIFEST, data_fingerprint, load_cached, load_or_train
+from kdlab.cache import MANIFEST, data_fingerprint
+from kdlab.warm_start import load_cached, load_or_train
 from kdlab.train import run
 from tests.conftest import CONF_DIR, TINY
 
@@ -82,7 +83,7 @@ def test_a_run_that_took_no_step_is_never_exported():
 class NaNAfter:
     """A test loss: cross-entropy for ``steps`` calls, then NaN (a diverging run)."""
 
-    needs_teacher = False
+    needs = Needs(teacher=False)
 
     def __init__(self, steps: int = 3, chunk_size=None, fused_head=False):  # conf/loss/ce.yaml's settings, unused
         self.steps, self.calls = steps, 0
@@ -146,9 +147,9 @@ def test_diverged_weights_are_refused():
 
 
 def test_a_diverging_teacher_training_is_never_cached(tiny_cfg, tmp_path, monkeypatch):
-    import kdlab.pretrain
+    import kdlab.warm_start
 
-    monkeypatch.setattr(kdlab.pretrain, "CrossEntropy", lambda: NaNAfter(steps=2))
+    monkeypatch.setattr(kdlab.warm_start, "CrossEntropy", lambda: NaNAfter(steps=2))
     cfg = tiny_cfg()
     tok = instantiate(cfg.model.tokenizer)
     dm = instantiate(cfg.data, tokenizer=tok)
@@ -219,15 +220,15 @@ def test_the_cache_key_changes_with_the_data_behind_an_unchanged_config(tiny_cfg
 
 
 def test_the_cache_key_changes_with_the_tokenizer_behind_an_unchanged_config(tiny_cfg, monkeypatch):
-    import kdlab.train as train
+    import kdlab.build as build
 
     keys = []
-    monkeypatch.setattr(train, "load_or_train", lambda model, training, key, *a, **k: keys.append(key) or model)
+    monkeypatch.setattr(build, "load_or_train", lambda model, training, key, *a, **k: keys.append(key) or model)
     cfg = tiny_cfg()
     for extra in ([], ["zebra"]):  # a token the data never uses: same tokenised data, a larger embedding
         tok = instantiate(cfg.model.tokenizer)
         tok.add_tokens(extra)
-        train.build_model(cfg, "teacher", tok, instantiate(cfg.data, tokenizer=tok))
+        build.build_model(cfg, "teacher", tok, instantiate(cfg.data, tokenizer=tok))
     assert len(keys) == 2 and keys[0] != keys[1]
 
 

@@ -18,12 +18,13 @@ from omegaconf import OmegaConf
 
 from kdlab import teacher_cache
 from kdlab.data.datamodule import split_batch
-from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, Needs
 from kdlab.losses.chunked import valid_rows
 from kdlab.losses.sparse import SparseTeacher, coarsen, sparse_teacher, teacher_values_at
 from kdlab.module import DistillModule
-from kdlab.pretrain import MANIFEST
-from kdlab.train import build_model, run
+from kdlab.cache import MANIFEST
+from kdlab.build import build_model
+from kdlab.train import run
 from tests.conftest import compose_tiny
 
 LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
@@ -353,11 +354,11 @@ def test_a_dense_run_still_runs_the_teacher(tiny_cfg, monkeypatch):
 
 
 class _DenseOnly:
-    needs_teacher = True
+    needs = Needs(teacher=True)
 
 
 class _Fused:
-    needs_teacher, accepts_sparse_teacher, fused_head = True, True, True
+    needs = Needs(teacher=True, sparse_teacher=True, fused_head=True)
 
 
 @pytest.mark.parametrize(
@@ -383,7 +384,7 @@ def test_losses_the_cache_cannot_serve_are_named():
         teacher_cache.check_request(settings, _DenseOnly(), 1000)
     with pytest.raises(ValueError, match="loss.fused_head=true both replace the teacher's logits"):
         teacher_cache.check_request(settings, _Fused(), 1000)
-    with pytest.raises(ValueError, match="loss=rlkd ranks the teacher's probabilities at temperature 1 and its base is at temperature 2.0"):
+    with pytest.raises(ValueError, match=r"reads the teacher at two temperatures \(loss=rlkd ranks its probabilities at temperature 1"):
         teacher_cache.check_request(settings, build_loss("rlkd", base=OmegaConf.merge(OmegaConf.load(LOSS_DIR / "fkl.yaml"), {"temperature": 2.0})), 1000)
     assert teacher_cache.check_request(settings, build_loss("fkl"), 1000) == 8
     assert teacher_cache.check_request({"k": None}, build_loss("fkl"), 1000) is None

@@ -37,7 +37,7 @@ def test_run_writes_metrics_exports_student_and_keeps_teacher_out_of_checkpoints
 
 
 def test_teacher_is_cached_and_never_updated(tiny_cfg, caplog):
-    from kdlab.train import build_model
+    from kdlab.build import build_model
     from hydra.utils import instantiate
 
     cfg = tiny_cfg()
@@ -51,7 +51,7 @@ def test_teacher_is_cached_and_never_updated(tiny_cfg, caplog):
         assert torch.equal(a, b)
     # a changed teacher config is a different cache entry, never the stale one
     cfg.model.teacher_training.max_steps = 31
-    from kdlab.pretrain import cache_key
+    from kdlab.cache import cache_key
 
     assert cache_key(cfg.model.teacher_training) != cache_key(tiny_cfg().model.teacher_training)
 

@@ -203,7 +203,7 @@ class KDDataModule(L.LightningDataModule):
         each optimiser step's k·b records are drawn and counted together, and every micro-batch
         carries the window's valid-token count (``window_tokens``, ``window_size`` = k), so that the
         step's loss is the sum over the window's valid tokens divided by their number, exactly as
-        one batch of k·b (kdlab.module.DistillModule._num_tokens).
+        one batch of k·b (kdlab.module.DistillModule.num_tokens).
         """
         k = self.trainer.accumulate_grad_batches if self._trainer_attached() else 1
         batches = MixtureBatchSampler(sampler or self.sampler, (batch_size or self.batch_size) * k)

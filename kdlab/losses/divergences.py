@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, Needs, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.sparse import coarsen
 
@@ -127,11 +127,10 @@ class CrossEntropy(RowwiseLoss):
     ``chunk_size``: rows per chunk of the vocabulary-wide softmax (kdlab.losses.chunked; null = dense);
     ``fused_head``: computed from the hidden states, no (N, V) logits (kdlab.losses.fused)."""
 
-    needs_teacher = False
-
     def __init__(self, chunk_size: int | None = None, fused_head: bool = False):
         self.chunk_size = check_chunk_size(chunk_size)
         self.fused_head = check_fused_head(fused_head)
+        self.needs = Needs(teacher=False, fused_head=self.fused_head)
 
     def dense(self, batch: KDBatch) -> LossOutput:
         per_token = cross_entropy(batch.student_logits, batch.labels)
@@ -151,11 +150,6 @@ class TokenKD(RowwiseLoss):
     dense path's (N, V) intermediates; null = dense). ``fused_head``: the module hands the hidden
     states and output heads instead of logits (kdlab.losses.fused: no (N, V) logits at all).
     """
-
-    needs_teacher = True
-    # the teacher cache (teacher_cache.k): D computed exactly on the partition of the teacher's top-k
-    # ids plus one tail outcome (kdlab.losses.sparse), a lower bound of the full D (data processing)
-    accepts_sparse_teacher = True
 
     def __init__(
         self,
@@ -182,6 +176,9 @@ class TokenKD(RowwiseLoss):
         self.scale = temperature**2 if scale_by_temperature_squared else 1.0
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
+        # the teacher cache (teacher_cache.k): D computed exactly on the partition of the teacher's top-k
+        # ids plus one tail outcome (kdlab.losses.sparse), a lower bound of the full D (data processing)
+        self.needs = Needs(teacher=True, sparse_teacher=True, fused_head=self.fused_head, teacher_temperature=temperature)
 
     def dense(self, batch: KDBatch) -> LossOutput:
         if batch.teacher_sparse is not None:

@@ -11,9 +11,10 @@ Only grad_hidden (N, H) and grad_W (V, H) survive the forward pass; the backward
 them by the incoming gradient. This is the idea of Liger-Kernel's fused linear JSD, for every
 kdlab token-level objective. Values and gradients equal the dense path's (float64 tests).
 
-Requires a plain linear head (logits = h Wᵀ + b of the base model's last hidden state): models
-whose causal-LM forward transforms the logits (softcapping, logit scales) are refused, and the
-rows are those of ``module.vocab_size`` (both heads truncated, as ``DistillModule.logits`` does).
+The training step that feeds it (kdlab/steps.py, ``FusedHeadStep``) requires a plain linear head
+(logits = h Wᵀ + b of the base model's last hidden state): models whose causal-LM forward
+transforms the logits (softcapping, logit scales) are refused, and the rows are those of
+``module.vocab_size`` (both heads truncated, as ``DistillModule.logits`` does).
 """
 
 from __future__ import annotations
@@ -22,39 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdlab.heads import last_hidden_rows, plain_head
-from kdlab.losses.base import IGNORE_INDEX, LossOutput
+from kdlab.losses.base import LossOutput
 from kdlab.losses.chunked import ChunkTotals, RowwiseLoss, chunk_value_and_grad
-
-
-def fused_training_loss(loss, student, teacher, batch: dict, vocab_size: int | None, num_tokens: Tensor) -> LossOutput:
-    """``DistillModule.training_step`` with ``loss.fused_head``: the objective from both models' hidden states.
-
-    Rows are selected before the head (prompts and padding carry no label), and the teacher runs
-    first, as in the module's dense path (bench/step_overhead.py).
-    """
-    if getattr(loss, "needs_rollouts", False):
-        raise ValueError(
-            f"loss.fused_head=true is for off-policy objectives, but {type(loss).__name__} trains on rollouts, whose "
-            "losses read full logits; set loss.fused_head=false"
-        )
-    if "teacher_signals" in batch:
-        # the cached sparse teacher would be ignored here, silently paying for the teacher forward it replaces
-        raise ValueError(
-            "loss.fused_head=true computes the teacher's logits from its hidden states, but teacher_cache.k is set, "
-            "so the batch carries the cached teacher instead; set loss.fused_head=false or teacher_cache.k=null"
-        )
-    mask = batch["labels"] != IGNORE_INDEX
-    teacher_inputs = {}
-    if getattr(loss, "needs_teacher", True):
-        head = plain_head(teacher, "teacher")
-        with torch.no_grad():
-            hidden = last_hidden_rows(teacher, batch, mask)
-        teacher_inputs = dict(teacher_hidden=hidden, teacher_weight=head.weight, teacher_bias=head.bias)
-    head = plain_head(student, "student")
-    hidden = last_hidden_rows(student, batch, mask)
-    labels = batch["labels"][mask]
-    return fused_head_loss(loss, hidden, head.weight, labels, num_tokens, bias=head.bias, vocab_size=vocab_size, **teacher_inputs)
 
 
 def fused_head_loss(

@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdlab.losses.base import KDBatch, LossOutput, masked_mean
+from kdlab.losses.base import KDBatch, LossOutput, Needs, RolloutKDBatch, RolloutSettings, masked_mean
 from kdlab.losses.divergences import cross_entropy, forward_kl, reverse_kl
-from kdlab.rollout import RolloutKDBatch, RolloutSettings
 
 
 def _zero_outside(values: Tensor, mask: Tensor) -> Tensor:
@@ -153,15 +152,12 @@ class MiniLLM:
             True with single_step on is the authors' code.
         gamma, whiten_advantages, reward_scaling, reward_clip, pt_kd_ratio: the authors' code variants
             (γ = 0.95, True, 0.5, 100, 0.5 there); off by default.
-        rollout: :class:`kdlab.rollout.RolloutSettings` (sampling, buffer, epochs, mini-batches).
+        rollout: :class:`kdlab.losses.base.RolloutSettings` (sampling, buffer, epochs, mini-batches).
 
     Logs (``train/<name>``): ``pg``, ``single``, ``pt`` (the terms), ``reward`` (mean per-token
     reward as used), ``clip_frac`` (tokens with ρ outside [1−ε, 1+ε]), ``iw_mean``/``iw_max``
     (w_t over tokens), ``ratio_mean``, and the rollout's ``gen_length`` and ``rev_kl``.
     """
-
-    needs_teacher = True
-    needs_rollouts = True
 
     def __init__(
         self,
@@ -202,13 +198,12 @@ class MiniLLM:
         self.rollout = rollout if rollout is not None else RolloutSettings(teacher_mix=0.2)
         if self.rollout.fraction != 1.0:
             raise ValueError(f"loss.rollout.fraction={self.rollout.fraction}: MiniLLM trains on rollouts at every step; it must be 1")
-        # what the module must add to each batch: the plain text, and the teacher on it
-        self.needs_plain_text = lm_coef > 0
-        self.needs_plain_text_teacher = lm_coef > 0 and pt_kd_ratio > 0
+        # rollouts at every step, plus the plain text for L_PT and the teacher on it for its KD share
+        self.needs = Needs(rollouts=self.rollout, plain_text=lm_coef > 0, plain_text_teacher=lm_coef > 0 and pt_kd_ratio > 0)
 
     def __call__(self, batch: KDBatch) -> LossOutput:
         if not isinstance(batch, RolloutKDBatch) or batch.old_logprobs is None:
-            raise ValueError("MiniLLM trains on rollouts; the module passed an ordinary batch (needs_rollouts not honoured)")
+            raise ValueError("MiniLLM trains on rollouts; the module passed an ordinary batch (Needs.rollouts not honoured)")
         if batch.teacher_logits is None or batch.teacher_logprobs is None:
             raise ValueError("MiniLLM needs the teacher's logits and log-probs on the rollouts")
         mask = batch.mask

@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from kdlab.losses.base import KDBatch, LossOutput
-from kdlab.rollout import RolloutKDBatch, RolloutSettings
+from kdlab.losses.base import KDBatch, LossOutput, Needs, RolloutKDBatch, RolloutSettings, needs_of
 
 
 class OnPolicyKD:
@@ -33,11 +32,6 @@ class OnPolicyKD:
     ``gen_length`` and ``rev_kl``, beside the base loss's own logs.
     """
 
-    needs_teacher = True
-    needs_rollouts = True
-    needs_plain_text = False
-    needs_plain_text_teacher = False
-
     def __init__(
         self,
         base: str | Callable[[KDBatch], LossOutput] = "fkl",
@@ -51,13 +45,14 @@ class OnPolicyKD:
         if base in ("minillm", "onpolicy"):
             raise ValueError(f"loss.base={base!r}: the base of loss=onpolicy must be a token-level objective (fkl, rkl, jsd, ...)")
         self.base = load_loss(base)
-        if not getattr(self.base, "needs_teacher", True):
+        if not needs_of(self.base).teacher:
             raise ValueError(
                 f"loss.base={base!r} does not use the teacher, so training it on the student's own samples teaches "
                 "nothing; pick a divergence (fkl, rkl, jsd, skl, srkl, tvd)"
             )
         self.rollout = rollout if rollout is not None else RolloutSettings()
         self.rollout.fraction = lambda_onpolicy
+        self.needs = Needs(rollouts=self.rollout)
 
     def __call__(self, batch: KDBatch) -> LossOutput:
         out = self.base(batch)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from kdlab.agreement import topk_overlap
-from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, masked_mean
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, Needs, masked_mean, needs_of
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.softrank import soft_rank
 from kdlab.losses.sparse import SparseTeacher, teacher_values_at
@@ -213,8 +213,6 @@ class RankingKD(RowwiseLoss):
     provides per_token; the ranking term alone without a base; None if the base gives none.
     """
 
-    needs_teacher = True
-
     def __init__(
         self,
         base: str | Callable[[KDBatch], LossOutput] | None = "fkl",
@@ -267,21 +265,17 @@ class RankingKD(RowwiseLoss):
         return not (self.dynamic_weighting or self.authors_combination)
 
     @property
-    def accepts_sparse_teacher(self) -> bool:
-        """The teacher cache: the ranking term takes a sparse view (kdlab.losses.sparse), and so must the base."""
-        return self.base is None or not getattr(self.base, "needs_teacher", True) or getattr(self.base, "accepts_sparse_teacher", False)
-
-    @property
-    def teacher_temperature(self) -> float:
-        """The τ a cached teacher must be computed at: 1, at which the ranking term takes p (§2.2)."""
-        base = getattr(self.base, "temperature", 1.0)
-        if base != 1.0:
-            raise ValueError(
-                f"loss=rlkd ranks the teacher's probabilities at temperature 1 and its base is at temperature {base}: "
-                "one cached teacher (teacher_cache.k) holds the tail mass at one temperature; set teacher_cache.k=null "
-                "or give the base temperature 1"
-            )
-        return 1.0
+    def needs(self) -> Needs:
+        """The teacher's logits; the teacher cache's sparse view when the base takes one too (the ranking
+        term does, kdlab.losses.sparse), computed at τ = 1, at which the ranking term takes p (§2.2)."""
+        base = needs_of(self.base) if self.base is not None else Needs(teacher=False)
+        return Needs(
+            teacher=True,
+            sparse_teacher=not base.teacher or base.sparse_teacher,
+            fused_head=self.fused_head,
+            ranked_top_k=self.k,
+            teacher_temperature=1.0 if not base.teacher or base.teacher_temperature == 1.0 else None,
+        )
 
     def dense(self, batch: KDBatch) -> LossOutput:
         teacher = batch.teacher_sparse if batch.teacher_sparse is not None else batch.teacher_logits

@@ -1,7 +1,8 @@
-"""CE pre-training of the embedded default's models, trained the first time a run needs them and cached.
+"""CE training before distillation (``model.<role>_training``), run the first time a run needs it and cached.
 
-Two models use it: the teacher (trained on the suite) and, as in the papers' protocol (MiniLLM,
-GKD and DistiLLM all distil into an SFT-initialised student), the student's warm start. The
+Two models use it: the built-in default teacher (trained on the suite) and, as in the papers'
+protocol (MiniLLM, GKD and DistiLLM all distil into an SFT-initialised student), the student's
+warm start. The
 cache key is a hash of everything that determines the trained weights (architecture, tokenizer,
 the tokenised training data itself, training settings, the recipe version), so changing any of
 them trains a new model and never silently reuses a stale one. An entry is written atomically
@@ -10,13 +11,11 @@ with a manifest of checksums, verified on load: a corrupted entry is retrained, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
 from kdlab import cache
@@ -30,22 +29,6 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 2  # bump when the CE training below changes: every cached model is then retrained
 MANIFEST = cache.MANIFEST  # written last: the recipe version and a checksum of every weight file
-
-
-def cache_key(*parts) -> str:
-    """A short stable hash of config nodes and plain values."""
-    plain = [OmegaConf.to_container(p, resolve=True) if OmegaConf.is_config(p) else p for p in parts]
-    blob = json.dumps(plain, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def data_fingerprint(datamodule) -> str:
-    """A hash of the tokenised training split itself (ids, targets, domains), so that a change of the
-    data behind an unchanged config (a new generator, edited files) is a new cache entry."""
-    digest = hashlib.sha256()
-    for r in datamodule.records["train"]:
-        digest.update(json.dumps([r.domain, r.input_ids, r.targets]).encode())
-    return digest.hexdigest()[:16]
 
 
 WEIGHTS = ("*.safetensors", "*.bin")
