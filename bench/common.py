@@ -5,7 +5,6 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -16,7 +15,7 @@ import kdlab.resolvers  # noqa: F401  (the configs' resolvers, e.g. model=smollm
 
 warnings.filterwarnings("ignore", message=".*self.log.*")  # modules run outside a Trainer here
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from kdlab import CONF_DIR  # noqa: E402
 
 
 def default_config(*overrides: str):

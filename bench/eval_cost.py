@@ -31,9 +31,9 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from bench.common import default_config
+from kdlab.build import build_model
 from kdlab.models import distillation_vocab_size
 from kdlab.module import DistillModule
-from kdlab.build import build_model
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 

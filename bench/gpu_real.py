@@ -40,8 +40,9 @@ def compose(steps: int, out: Path, name: str):
     from hydra import initialize_config_dir
 
     import kdlab.resolvers  # noqa: F401  (the configs' resolvers)
+    from kdlab import CONF_DIR
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("train", overrides=overrides(steps, out, name, RUNS[name]))
 
 

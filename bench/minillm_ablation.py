@@ -15,7 +15,7 @@ over the seeds:
 A "start" row evaluates the warm-started student before distillation (``trainer.max_steps=0``),
 and the teacher's exact match is printed as the reference. All variants take the same number of
 optimisation steps; a MiniLLM step trains on a mini-batch of 16 rollouts plus the data batch as
-plain text (conf/loss/minillm.yaml), a fkl/ce step on the 64-example data batch.
+plain text (kdlab/conf/loss/minillm.yaml), a fkl/ce step on the 64-example data batch.
 
 One intra-op thread by default: these models are tiny, and on a shared 2-core machine two
 spinning OpenMP threads per process made runs 5x slower (measured: a 20-step run 53 s vs 9 s).
@@ -38,12 +38,12 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
+from kdlab import CONF_DIR  # noqa: E402
+from kdlab.build import build_model
 from kdlab.models import distillation_vocab_size
 from kdlab.rollout import sample
-from kdlab.build import build_model
 from kdlab.train import run
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 VARIANTS = {
     "minillm": ["loss=minillm", "+ablation/minillm=full"],
     "w/o length norm": ["loss=minillm", "+ablation/minillm=no_length_norm"],

@@ -3,7 +3,7 @@
     python -m bench.objective_memory [--rows 1024] [--vocab 32000 151936] [--chunk auto] [--hidden 896] [--device cpu]
     python -m bench.objective_memory --real --rows 2048      # SmolLM2's real hidden states and heads (V = 49,152, H = 576)
 
-For every token-level objective of conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), two comparisons:
+For every token-level objective of kdlab/conf/loss (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), two comparisons:
 
 1. On (N, V) float32 logits (the inputs: student logits, teacher logits, labels), ``dense``
    (``chunk_size=null``) vs ``chunked`` (the config's default): what the objective itself costs.
@@ -83,13 +83,13 @@ def measure(name: str, rows: int, vocab: int, chunk: int | str | None, device: s
 
     import torch
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from kdlab.losses.base import IGNORE_INDEX, KDBatch
+    from kdlab.losses.divergences import loss_config
     from kdlab.losses.fused import fused_head_loss
 
     torch.manual_seed(0)
-    cfg = OmegaConf.load(ROOT / "conf" / "loss" / f"{name}.yaml")
+    cfg = loss_config(name)
     cfg.chunk_size = chunk
     loss = instantiate(cfg)
     labels = torch.randint(0, vocab, (rows,), device=device)
@@ -154,7 +154,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 151_936])
-    parser.add_argument("--chunk", default="auto", help="the chunked and fused columns' loss.chunk_size: auto (the conf/loss default) or rows")
+    parser.add_argument("--chunk", default="auto", help="the chunked and fused columns' loss.chunk_size: auto (the kdlab/conf/loss default) or rows")
     parser.add_argument("--hidden", type=int, default=896, help="hidden size H of the head and fused columns (896: Qwen2-0.5B); 0 = logits only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt-fraction", type=float, default=0.0,

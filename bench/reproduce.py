@@ -213,7 +213,9 @@ def exposure_configs():
     data, so a story-only config would train and use another teacher."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    from kdlab import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={MINILLM.experiment}"])
         story = compose("train", overrides=[f"experiment={MINILLM.experiment}", "data.splits.domains=[story]"])
     return cfg, story
@@ -233,10 +235,10 @@ def exposure_metrics(run_dir: Path, seed: int) -> dict:
     from hydra.utils import instantiate
     from transformers import AutoModelForCausalLM
 
+    from kdlab.build import build_model
     from kdlab.exposure import accumulated_error, excess_accumulated_error
     from kdlab.models import distillation_vocab_size
     from kdlab.rollout import sample
-    from kdlab.build import build_model
 
     torch.set_num_threads(1)
     cfg, story_cfg = exposure_configs()

@@ -108,6 +108,7 @@ def sweep(args, cache: Path, out: Path) -> None:
     lines.append(f"{'total':<10} {dense:>8.1f} {cached:>9.1f}   (the cached total includes the one-off build)")
     lines.append(f"one-off cache build: {build:.2f} s ({len(builds)} build(s))")
     lines.append(f"ratio cached/uncached: {cached / dense:.2f} (goal <= 0.6); without the build: {(cached - build) / dense:.2f}")
+    bytes_per_position = teacher_cache.bytes_per_position
     lines.append("stored per labelled position (kdlab/teacher_cache.py): " + "; ".join(
         f"V={v:,}: " + ", ".join(f"k={k} {bytes_per_position(k, v)} B" for k in KS) for v in (49_152, 151_936)))
     print("\n".join(lines), flush=True)
@@ -193,13 +194,13 @@ def zipf_logits(rows: int, vocab: int, seed: int = 0):
 
 def error_table(args) -> None:
     from kdlab.losses.divergences import load_loss
-    from kdlab.teacher_cache import bytes_per_position
     from kdlab.losses.sparse import sparse_teacher
+    from kdlab.teacher_cache import bytes_per_position
 
     if args.real:  # instead of the default pair
         cases = [("SmolLM2 -> pruned student (V={v})", lambda: real_pair_logits(args.batches))]
     else:
-        cases = [(f"default pair, real teacher (V={{v}})", lambda: default_pair_logits(args.batches))]
+        cases = [("default pair, real teacher (V={v})", lambda: default_pair_logits(args.batches))]
     for vocab in args.vocab:
         cases.append((f"synthetic Zipf-like (V={vocab:,})", lambda vocab=vocab: zipf_logits(args.rows, vocab)))
     header = f"{'case':<36} {'objective':<9} " + " ".join(f"{f'k={k} value':>11} {f'k={k} grad':>10}" for k in KS)

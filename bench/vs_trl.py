@@ -5,12 +5,12 @@
 TRL is not a kdlab dependency: install it beside the project (``pip install --no-deps --target
 /tmp/trl-site trl accelerate``) and put it on ``PYTHONPATH``; without it the script says so and exits 0.
 
-What is compared (the default pair from ``conf/``: untrained weights, the built-in suite's
+What is compared (the default pair from ``kdlab/conf/``: untrained weights, the built-in suite's
 tokenizer, one training batch of the suite; the speed does not depend on the weights):
 
 * kdlab: ``DistillModule.training_step`` + ``backward`` (as ``bench/step_overhead.py`` times it),
-  with the losses exactly as ``conf/loss/*.yaml`` compose them. On-policy is ``loss=onpolicy
-  loss.lambda_onpolicy=1.0`` with every other setting its default (``conf/loss/onpolicy.yaml``:
+  with the losses exactly as ``kdlab/conf/loss/*.yaml`` compose them. On-policy is ``loss=onpolicy
+  loss.lambda_onpolicy=1.0`` with every other setting its default (``kdlab/conf/loss/onpolicy.yaml``:
   ``base=fkl``, ``teacher_mix=0`` (student-only sampling), ``temperature=1``, ``top_p=1``,
   ``top_k=0``, ``max_new_tokens=null`` = the data's longest answer + <eos>, ``use_cache=true``,
   fresh samples of the whole batch every step, ``epochs=1``); also with ``loss.base=jsd``.
@@ -59,8 +59,8 @@ from hydra.utils import instantiate
 from bench.common import default_config, default_pair_and_batch, interleaved_medians
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
-from kdlab.teacher_cache import cached_temperature
 from kdlab.module import DistillModule
+from kdlab.teacher_cache import cached_temperature
 
 
 def import_trl():
@@ -262,7 +262,7 @@ def main() -> None:
     )
     r = cfg.loss.rollout
     print(
-        f"kdlab: loss=onpolicy lambda_onpolicy={cfg.loss.lambda_onpolicy} (conf/loss/onpolicy.yaml otherwise: base={cfg.loss.base}, "
+        f"kdlab: loss=onpolicy lambda_onpolicy={cfg.loss.lambda_onpolicy} (kdlab/conf/loss/onpolicy.yaml otherwise: base={cfg.loss.base}, "
         f"teacher_mix={r.teacher_mix}, temperature={r.temperature}, top_p={r.top_p}, top_k={r.top_k}, max_new_tokens={r.max_new_tokens}, "
         f"use_cache={r.use_cache}, num_rollouts={r.num_rollouts}, epochs={r.epochs}); onpolicy(jsd) adds loss.base=jsd; loss=fkl, loss=jsd as configured"
     )

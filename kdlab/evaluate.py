@@ -23,9 +23,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab.build import build_model
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained
 from kdlab.module import DistillModule
-from kdlab.build import build_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
     if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():

@@ -319,7 +319,7 @@ def _summary(counts: dict[str, int], out: Path, unfinished: Path) -> None:
     log.info(line)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 

@@ -46,7 +46,7 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")  # rougeLsum needs nltk's punkt, a d
 
 @dataclass
 class EvalSettings:
-    """What a validation / test pass measures beyond perplexity and greedy exact match (``conf/eval``).
+    """What a validation / test pass measures beyond perplexity and greedy exact match (``kdlab/conf/eval``).
 
     ``num_samples`` responses per prompt are sampled at test (MiniLLM: 5 seeds), ``val_num_samples``
     at each validation (0 = no sampled metrics at validation); ``temperature`` and ``top_p`` shape

@@ -28,10 +28,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
-from kdlab.callbacks.throughput import Throughput
-from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.build import build_model
+from kdlab.callbacks.throughput import Throughput
 from kdlab.losses.base import needs_of
+from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_cache_dir, check_run, check_trained
 from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
@@ -155,7 +155,7 @@ def finished_jobs(sweep_dir: Path) -> list[str]:
     return sorted((p.parent.name for p in sweep_dir.glob("*/metrics.json")), key=lambda n: (len(n), n))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)

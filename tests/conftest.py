@@ -2,7 +2,6 @@
 
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from omegaconf import open_dict
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from kdlab import CONF_DIR  # noqa: E402,F401  (tests import it from here)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -1,6 +1,5 @@
 """Chunked objectives and valid-row selection: the dense path's values and gradients, in float64."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,13 @@ from omegaconf import OmegaConf
 
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import valid_rows
+from kdlab.losses.divergences import loss_config
 
-LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
 OBJECTIVES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 
 
 def build(name, chunk_size, **overrides):
-    cfg = OmegaConf.load(LOSS_DIR / f"{name}.yaml")
+    cfg = loss_config(name)
     cfg.chunk_size = chunk_size
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kdlab.data.datamodule import KDDataModule
-from kdlab.data.suite_eval import SuiteChecker
 from kdlab.data.sampler import DomainMixtureSampler
 from kdlab.data.suite import Example, build_suite, build_tokenizer
+from kdlab.data.suite_eval import SuiteChecker
 from kdlab.losses import IGNORE_INDEX
 
 

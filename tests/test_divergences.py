@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from kdlab.losses import IGNORE_INDEX, KDBatch, masked_mean
 from kdlab.losses import divergences as D
+from kdlab.losses.divergences import loss_config
 
 V = 5
 PURE = {
@@ -145,7 +145,7 @@ def test_masked_mean_all_masked_is_zero_with_finite_grad():
 
 @pytest.mark.parametrize("name", ["ce", *PURE])
 def test_loss_configs_build_and_reduce(name, logits):
-    """Each conf/loss file builds its callable; the reduction is the masked token mean."""
+    """Each kdlab/conf/loss file builds its callable; the reduction is the masked token mean."""
     student, teacher, labels = logits
     loss = D.load_loss(name)
     all_masked = KDBatch(student, teacher, torch.full_like(labels, IGNORE_INDEX))
@@ -170,7 +170,7 @@ def test_token_kd_temperature_scaling_and_ce_mix(logits):
 
 def test_config_parameters_reach_the_function(logits):
     student, teacher, labels = logits
-    cfg = OmegaConf.load(D.LOSS_CONFIG_DIR / "jsd.yaml")
+    cfg = loss_config("jsd")
     cfg.divergence.beta = 0.9
     out = instantiate(cfg)(KDBatch(student, teacher, labels))
     expected = D.generalized_jsd(student, teacher, labels, beta=0.9)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from examples.tiny_pair import build, tokenizer as family_tokenizer
+from examples.tiny_pair import build
+from examples.tiny_pair import tokenizer as family_tokenizer
 from kdlab.data import files
 from kdlab.data.files import Encoding, FilesDataModule, Source, load_records
 from kdlab.losses import IGNORE_INDEX

@@ -1,6 +1,5 @@
 """The fused head (kdlab/losses/fused.py): the dense path's values and gradients in float64, with no logits."""
 
-from pathlib import Path
 
 from dataclasses import replace
 
@@ -15,17 +14,16 @@ from kdlab.data.suite import build_tokenizer
 from kdlab.heads import plain_head
 from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import RowwiseLoss, valid_rows
-from kdlab.losses.divergences import available_losses, load_loss
+from kdlab.losses.divergences import available_losses, load_loss, loss_config
 from kdlab.losses.fused import fused_head_loss
 from kdlab.module import DistillModule
 
-LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
 OBJECTIVES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 V, V_STUDENT, V_TEACHER, H, H_TEACHER = 11, 14, 12, 6, 5  # both heads have rows past the shared vocabulary, the student more
 
 
 def build(name, chunk_size=None, **overrides):
-    cfg = OmegaConf.load(LOSS_DIR / f"{name}.yaml")
+    cfg = loss_config(name)
     cfg.chunk_size = chunk_size
     for key, value in {**settings(name), **overrides}.items():
         OmegaConf.update(cfg, key, value)
@@ -272,7 +270,7 @@ def test_non_token_sum_settings_and_bad_values_are_refused():
 def test_every_rowwise_config_has_the_switch_off_and_the_rollout_losses_still_build():
     for name in available_losses():
         loss = load_loss(name)
-        cfg = OmegaConf.load(LOSS_DIR / f"{name}.yaml")
+        cfg = loss_config(name)
         if isinstance(loss, RowwiseLoss):
             assert cfg.fused_head is False and loss.fused_head is False, name
         else:

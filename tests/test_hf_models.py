@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertLMHeadModel
 
-from examples.tiny_pair import build, tokenizer as family_tokenizer
-from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained, load_tokenizer
+from examples.tiny_pair import build
+from examples.tiny_pair import tokenizer as family_tokenizer
 from kdlab.evaluate import evaluate
+from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained, load_tokenizer
 from kdlab.train import run
 from tests.conftest import CONF_DIR
 

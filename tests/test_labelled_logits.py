@@ -3,7 +3,7 @@ gradients equal those of the models' own full logits with the rows selected afte
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config
 
 from kdlab.data.suite import build_tokenizer
 from kdlab.heads import head_problem, labelled_logits

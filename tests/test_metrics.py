@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdlab.data.suite import build_tokenizer
-from kdlab.losses.base import IGNORE_INDEX
 from kdlab.data.suite_eval import GrammarTrueKL, GrammarValidity, grammar_metrics
+from kdlab.losses.base import IGNORE_INDEX
 from kdlab.metrics import EvalSettings, ModelEval, NextTokenCalibrationError, SampleTable
 
 

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig
 
-from kdlab.losses.base import IGNORE_INDEX, KDBatch, masked_mean
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, RolloutKDBatch, RolloutSettings, masked_mean
 from kdlab.losses.divergences import forward_kl
 from kdlab.losses.minillm import (
     MiniLLM,
@@ -25,7 +25,6 @@ from kdlab.losses.minillm import (
     whiten,
 )
 from kdlab.models import from_config
-from kdlab.losses.base import RolloutKDBatch, RolloutSettings
 from kdlab.rollout import sample
 from kdlab.train import run
 from tests.conftest import CONF_DIR

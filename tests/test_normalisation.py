@@ -1,22 +1,20 @@
 """The loss of an optimiser step is Σ(valid tokens) / N(valid tokens) of the whole step, under gradient accumulation too."""
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from transformers import LlamaConfig
 
 from kdlab.data.datamodule import KDDataModule, split_batch
 from kdlab.data.suite import build_suite, build_tokenizer
 from kdlab.losses import IGNORE_INDEX
+from kdlab.losses.divergences import loss_config
 from kdlab.models import from_config
 from kdlab.module import DistillModule
 from kdlab.train import run
 
-LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
 OFF_POLICY = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd", "rlkd"]
 
 
@@ -37,7 +35,7 @@ def setup():
 @pytest.mark.parametrize("name", OFF_POLICY)
 def test_accumulating_four_micro_batches_gives_the_gradient_of_one_batch_of_four_times_the_size(setup, name):
     tok, dm, full = setup
-    loss = instantiate(OmegaConf.load(LOSS_DIR / f"{name}.yaml"))
+    loss = instantiate(loss_config(name))
     module = DistillModule(tiny(tok, 0), tiny(tok, 1), loss, tok)
     warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer here
 

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 
 from kdlab.train import run
-from tests.conftest import CONF_DIR, TINY
+from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,8 @@ import torch
 from transformers import LlamaConfig
 
 from kdlab.data.suite import build_tokenizer
-from kdlab.losses.base import IGNORE_INDEX
+from kdlab.losses.base import IGNORE_INDEX, RolloutSettings
 from kdlab.models import from_config
-from kdlab.losses.base import RolloutSettings
 from kdlab.rollout import RolloutBuffer, plain_text_labels, sample, sampling_log_probs, token_logprobs
 
 

@@ -13,16 +13,15 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from transformers import BertConfig, BertLMHeadModel
 
 import kdlab.train
+from kdlab.cache import MANIFEST, data_fingerprint
 from kdlab.losses.base import LossOutput, Needs
 from kdlab.preflight import check_trained
-from kdlab.cache import MANIFEST, data_fingerprint
-from kdlab.warm_start import load_cached, load_or_train
 from kdlab.train import run
+from kdlab.warm_start import load_cached, load_or_train
 from tests.conftest import CONF_DIR, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +84,7 @@ class NaNAfter:
 
     needs = Needs(teacher=False)
 
-    def __init__(self, steps: int = 3, chunk_size=None, fused_head=False):  # conf/loss/ce.yaml's settings, unused
+    def __init__(self, steps: int = 3, chunk_size=None, fused_head=False):  # kdlab/conf/loss/ce.yaml's settings, unused
         self.steps, self.calls = steps, 0
 
     def __call__(self, batch):

@@ -14,10 +14,10 @@ from kdlab.data.suite import (
     Domain,
     Example,
     Grammar,
+    Story,
     build_domains,
     build_suite,
     build_tokenizer,
-    Story,
 )
 
 SMALL = dict(n_train=200, n_val=16, n_test=32)

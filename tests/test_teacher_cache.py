@@ -8,7 +8,6 @@ direct teacher forward on the same records, across runs, keys, corruption and re
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,17 +16,17 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kdlab import teacher_cache
+from kdlab.build import build_model
+from kdlab.cache import MANIFEST
 from kdlab.data.datamodule import split_batch
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, Needs
 from kdlab.losses.chunked import valid_rows
+from kdlab.losses.divergences import loss_config
 from kdlab.losses.sparse import SparseTeacher, coarsen, sparse_teacher, teacher_values_at
 from kdlab.module import DistillModule
-from kdlab.cache import MANIFEST
-from kdlab.build import build_model
 from kdlab.train import run
 from tests.conftest import compose_tiny
 
-LOSS_DIR = Path(__file__).resolve().parents[1] / "conf" / "loss"
 # every token-level objective, with the settings that change what it computes
 OBJECTIVES = {
     "fkl": ("fkl", {}),
@@ -48,7 +47,7 @@ TEMPERED = [name for name in OBJECTIVES if not name.startswith("rlkd")]
 
 def build_loss(name, chunk_size=None, **overrides):
     file, settings = OBJECTIVES[name]
-    cfg = OmegaConf.load(LOSS_DIR / f"{file}.yaml")
+    cfg = loss_config(file)
     cfg.chunk_size = chunk_size
     for key, value in {**settings, **overrides}.items():
         OmegaConf.update(cfg, key, value)
@@ -385,9 +384,9 @@ def test_losses_the_cache_cannot_serve_are_named():
     with pytest.raises(ValueError, match="loss.fused_head=true both replace the teacher's logits"):
         teacher_cache.check_request(settings, _Fused(), 1000)
     with pytest.raises(ValueError, match=r"reads the teacher at two temperatures \(loss=rlkd ranks its probabilities at temperature 1"):
-        teacher_cache.check_request(settings, build_loss("rlkd", base=OmegaConf.merge(OmegaConf.load(LOSS_DIR / "fkl.yaml"), {"temperature": 2.0})), 1000)
+        teacher_cache.check_request(settings, build_loss("rlkd", base=OmegaConf.merge(loss_config("fkl"), {"temperature": 2.0})), 1000)
     assert teacher_cache.check_request(settings, build_loss("fkl"), 1000) == 8
     assert teacher_cache.check_request({"k": None}, build_loss("fkl"), 1000) is None
-    assert teacher_cache.check_request(settings, instantiate(OmegaConf.load(LOSS_DIR / "ce.yaml")), 1000) is None  # no teacher
+    assert teacher_cache.check_request(settings, instantiate(loss_config("ce")), 1000) is None  # no teacher
     with pytest.raises(ValueError, match=r"covers the whole distillation vocabulary \(64 tokens\)"):
         teacher_cache.check_vocabulary(64, 64)

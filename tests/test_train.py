@@ -37,8 +37,9 @@ def test_run_writes_metrics_exports_student_and_keeps_teacher_out_of_checkpoints
 
 
 def test_teacher_is_cached_and_never_updated(tiny_cfg, caplog):
-    from kdlab.build import build_model
     from hydra.utils import instantiate
+
+    from kdlab.build import build_model
 
     cfg = tiny_cfg()
     tok = instantiate(cfg.model.tokenizer)
@@ -85,7 +86,7 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_every_loss_config_trains(tiny_cfg):
-    """Every conf/loss option runs a (tiny) distillation without error and gives finite metrics."""
+    """Every kdlab/conf/loss option runs a (tiny) distillation without error and gives finite metrics."""
     from kdlab.losses.divergences import available_losses
 
     for name in available_losses():

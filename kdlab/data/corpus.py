@@ -363,7 +363,6 @@ def prompt_names(library_names: dict[str, set[str]]) -> dict[str, list[str]]:
     """Sorted names for each kind of prompt: the library's (functions, classes, modules), the
     keywords, and the reference topics' titles."""
     import pydoc
-
     from pydoc_data.topics import topics
 
     titles = {topics[key].splitlines()[0].strip().replace('"', "`") for key in topics}
@@ -539,7 +538,7 @@ def split_chat(chat: Path, out_root: Path, seed: int, fraction: float) -> dict[s
 
 
 class CorpusDataModule(FilesDataModule):
-    """``data=python_corpus``: the corpus's domains through :class:`FilesDataModule` (see ``conf/data/python_corpus.yaml``).
+    """``data=python_corpus``: the corpus's domains through :class:`FilesDataModule` (see ``kdlab/conf/data/python_corpus.yaml``).
 
     ``root``: the corpus folder (None: under ``cache_dir``, see :func:`default_root`), built on
     first use with ``corpus`` (:class:`Settings`). ``domains``: which of ``code``, ``docstrings``,

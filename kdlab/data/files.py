@@ -122,7 +122,7 @@ def _raise_on_bad_json_line(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Encoding:
-    """How records become token sequences (``conf/data/files.yaml``)."""
+    """How records become token sequences (``kdlab/conf/data/files.yaml``)."""
 
     max_length: int
     format: str = "auto"

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdlab import CONF_DIR
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, Needs, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.sparse import coarsen
 
-LOSS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
+LOSS_CONFIG_DIR = Path(CONF_DIR) / "loss"
 
 
 def _valid(values: Tensor, labels: Tensor | None) -> Tensor:
@@ -209,22 +210,42 @@ def available_losses() -> list[str]:
     return sorted(path.stem for path in LOSS_CONFIG_DIR.glob("*.yaml"))
 
 
+def loss_config(name: str):
+    """``kdlab/conf/loss/<name>.yaml`` as Hydra composes it for ``loss=<name>``: with the shared files
+    its defaults list (``/loss_common/<file>@_here_``) merged in."""
+    path = LOSS_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(available_losses())}")
+    return _composed(path)
+
+
+def _composed(path: Path):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    merged, own_merged = OmegaConf.create(), False
+    for entry in cfg.pop("defaults", []):
+        if entry == "_self_":
+            merged, own_merged = OmegaConf.merge(merged, cfg), True
+            continue
+        option, _, package = entry.partition("@")
+        if package != "_here_":  # the only form the loss files use: kdlab builds sub-losses from them (rlkd's base)
+            raise ValueError(f"{path}: defaults entry {entry!r} must be <option>@_here_ to be loaded as a loss")
+        folder = LOSS_CONFIG_DIR.parent if option.startswith("/") else path.parent
+        merged = OmegaConf.merge(merged, _composed(folder / f"{option.lstrip('/')}.yaml"))
+    return merged if own_merged else OmegaConf.merge(merged, cfg)
+
+
 def load_loss(name_or_cfg) -> Callable[[KDBatch], LossOutput]:
-    """Build a loss from ``conf/loss/<name>.yaml`` or from a ``_target_`` mapping.
+    """Build a loss from ``kdlab/conf/loss/<name>.yaml`` (:func:`loss_config`) or from a ``_target_`` mapping.
 
     Lets a composite objective take another objective by its config name
     (``loss=rlkd loss.base=tvd``) through the same files Hydra composes, not a code registry.
     """
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     if callable(name_or_cfg):
         return name_or_cfg
     if isinstance(name_or_cfg, str):
-        path = LOSS_CONFIG_DIR / f"{name_or_cfg}.yaml"
-        if not path.is_file():
-            raise ValueError(f"unknown loss {name_or_cfg!r}; valid names: {', '.join(available_losses())}")
-        cfg = OmegaConf.load(path)
-        cfg.pop("defaults", None)
-        return instantiate(cfg)
+        return instantiate(loss_config(name_or_cfg))
     return instantiate(name_or_cfg)

@@ -21,7 +21,7 @@ class OnPolicyKD:
     """``loss=onpolicy``: the ``base`` objective on student samples for a fraction ``lambda_onpolicy`` of batches.
 
     Args:
-        base: a loss name (``conf/loss/<name>.yaml``, e.g. ``fkl``, ``jsd``, ``rlkd``) or a callable.
+        base: a loss name (``kdlab/conf/loss/<name>.yaml``, e.g. ``fkl``, ``jsd``, ``rlkd``) or a callable.
             It must use the teacher: a teacher-free loss on the student's own samples teaches nothing.
         lambda_onpolicy: λ, the fraction of steps on student samples (TRL's GKD default 0.5). The
             steps are spread evenly (see :class:`kdlab.rollout.RolloutBuffer`).
