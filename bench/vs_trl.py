@@ -15,7 +15,7 @@ tokenizer, one training batch of the suite; the speed does not depend on the wei
   ``top_k=0``, ``max_new_tokens=null`` = the data's longest answer + <eos>, ``use_cache=true``,
   fresh samples of the whole batch every step, ``epochs=1``); also with ``loss.base=jsd``.
   Off-policy is ``loss=fkl`` and ``loss=jsd`` (β = 0.5), each also with the teacher signal cache
-  (``teacher_cache.k=32``): the batch carries the teacher's top-k view (``batch["teacher_signals"]``,
+  (``teacher_cache.k=32``): the step reads the teacher's top-k view (``InMemorySignals``,
   computed here once from the teacher's logits on the batch, as the cache's one pass over the
   training split stores it), so the step runs no teacher forward. The one-off pass is not in the
   step time: in a sweep it is paid once for all jobs (``bench/teacher_cache.py`` counts it).
@@ -60,7 +60,7 @@ from bench.common import default_config, default_pair_and_batch, interleaved_med
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
-from kdlab.teacher_cache import cached_temperature
+from kdlab.teacher_cache import InMemorySignals, cached_temperature
 
 
 def import_trl():
@@ -175,19 +175,17 @@ def main() -> None:
     # -- kdlab ----------------------------------------------------------------------------------
     for name in [*losses, *cached]:
         loss = losses[cached.get(name, name)]
-        module = StandaloneModule(
-            copy.deepcopy(student), teacher, loss, tokenizer, datamodule=datamodule, teacher_cached=name in cached
-        ).train()
+        signals = None
+        if name in cached:  # the batch's teacher view, computed once, as the teacher cache would serve it
+            with torch.no_grad():
+                logits = StandaloneModule(student, teacher, loss, tokenizer, datamodule=datamodule).teacher_logits(batch)
+            signals = InMemorySignals(sparse_teacher(logits, args.cache_k, cached_temperature(loss, args.cache_k)))
+        module = StandaloneModule(copy.deepcopy(student), teacher, loss, tokenizer, datamodule=datamodule, teacher_signals=signals).train()
         optimizer = torch.optim.AdamW(module.student.parameters(), lr=args.lr)
         key = f"kdlab {name}"
         tokens[key] = []
-        step_batch = batch
-        if name in cached:
-            with torch.no_grad():
-                signals = sparse_teacher(module.teacher_logits(batch), args.cache_k, cached_temperature(loss, args.cache_k))
-            step_batch = {**batch, "teacher_signals": signals.as_dict()}
 
-        def run(module=module, optimizer=optimizer, key=key, step_batch=step_batch):
+        def run(module=module, optimizer=optimizer, key=key, step_batch=batch):
             loss = module.training_step(step_batch, 0)
             loss.backward()
             optimizer.step()

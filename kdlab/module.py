@@ -45,8 +45,9 @@ class DistillModule(L.LightningModule):
     The teacher is frozen (no gradients, always in eval mode, run under ``no_grad``) and is
     stripped from every checkpoint; only the student is optimised, with AdamW and a linear
     warmup + cosine learning-rate schedule. ``vocab_size`` truncates both models' logits to the
-    vocabulary they share (see ``kdlab.models.distillation_vocab_size``). ``teacher_cached``: the
-    training batches carry the teacher cache's rows (``teacher_cache.k``) instead of a teacher forward.
+    vocabulary they share (see ``kdlab.models.distillation_vocab_size``). ``teacher_signals``: the
+    teacher cache (``teacher_cache.k``, :class:`kdlab.teacher_cache.TeacherSignals`), whose rows for
+    each training batch's records replace the teacher forward.
     """
 
     def __init__(
@@ -63,7 +64,7 @@ class DistillModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         generate_in_validation: bool = True,
         eval_settings: EvalSettings | None = None,
-        teacher_cached: bool = False,
+        teacher_signals=None,
     ):
         super().__init__()
         check_optimisation(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
@@ -80,7 +81,7 @@ class DistillModule(L.LightningModule):
         self.generate_in_validation = generate_in_validation
         self.evaluation = Evaluation(eval_settings, tokenizer, vocab_size)
         self.strict_loading = False  # checkpoints hold no teacher weights
-        self.step = choose_step(needs_of(loss), teacher_cached)  # kdlab/steps.py
+        self.step = choose_step(needs_of(loss), teacher_signals)  # kdlab/steps.py
 
     # -- the frozen teacher -------------------------------------------------------------------
     def train(self, mode: bool = True):

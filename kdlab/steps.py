@@ -1,12 +1,12 @@
 """The training step: one strategy per way a loss consumes the models, chosen once from its ``Needs``.
 
-    step = choose_step(needs_of(loss), teacher_cached=False)   # kdlab.losses.base.Needs
+    step = choose_step(needs_of(loss), teacher_signals=None)   # kdlab.losses.base.Needs
     out = step(module, batch)                                   # a LossOutput, or None (below)
 
 - :class:`TeacherForwardStep`: both models' logits at the labelled positions (or none of the
   teacher's, for a loss that needs no teacher), the teacher first.
-- :class:`CachedTeacherStep`: the student's logits and the teacher cache's rows the batch carries
-  (``teacher_cache.k``, kdlab/teacher_cache.py): no teacher forward.
+- :class:`CachedTeacherStep`: the student's logits and the teacher cache's rows for the batch's
+  records (``teacher_cache.k``, kdlab/teacher_cache.py): no teacher forward.
 - :class:`FusedHeadStep`: both models' last hidden states and output heads, no (N, V) logits
   (``loss.fused_head``, kdlab/losses/fused.py).
 - :class:`RolloutStep`: samples of the batch's prompts (MiniLLM, on-policy KD; kdlab/rollout.py),
@@ -45,9 +45,11 @@ class Step:
         pass
 
 
-def choose_step(needs: Needs, teacher_cached: bool) -> Step:
-    """The step that provides what ``needs`` declares; a ValueError naming the fix for combinations
-    no step provides (these are checked before any model is built, too: kdlab/teacher_cache.py)."""
+def choose_step(needs: Needs, teacher_signals=None) -> Step:
+    """The step that provides what ``needs`` declares, from ``teacher_signals`` (the teacher cache, or
+    None); a ValueError naming the fix for combinations no step provides (checked before any model
+    is built, too: kdlab/teacher_cache.py)."""
+    teacher_cached = teacher_signals is not None
     if needs.fused_head:
         if needs.rollouts is not None:
             raise ValueError(
@@ -63,7 +65,7 @@ def choose_step(needs: Needs, teacher_cached: bool) -> Step:
     if needs.rollouts is not None:
         return RolloutStep(needs)
     if teacher_cached:
-        return CachedTeacherStep()
+        return CachedTeacherStep(teacher_signals)
     return TeacherForwardStep(needs)
 
 
@@ -97,13 +99,15 @@ class TeacherForwardStep(Step):
 
 
 class CachedTeacherStep(Step):
-    """The teacher cache's rows for the batch (top-k + tail, kdlab/losses/sparse.py) instead of a teacher forward."""
+    """The teacher cache's rows for the batch's records (top-k + tail, kdlab/losses/sparse.py) instead
+    of a teacher forward: ``signals.view(batch["index"], batch["labels"])`` lays them out like the labels."""
+
+    def __init__(self, signals):
+        self.signals = signals
 
     def __call__(self, module, batch: dict) -> LossOutput:
-        if "teacher_signals" not in batch:
-            raise RuntimeError("teacher_cache.k is set but this training batch carries no cached teacher rows")
         mask = batch["labels"] != IGNORE_INDEX
-        sparse = SparseTeacher.from_dict(batch["teacher_signals"]).map(lambda t: t[mask].unsqueeze(0))
+        sparse = self.signals.view(batch["index"], batch["labels"]).map(lambda t: t[mask].unsqueeze(0))
         return module.loss(_token_batch(module, batch, mask, None, sparse))
 
 

@@ -176,10 +176,21 @@ def signal_key(teacher, tokenizer, datamodule, k: int, vocab_size: int, temperat
 
 
 # -- the stored arrays ------------------------------------------------------------------------------
-class TeacherSignals:
-    """A cache entry, memory-mapped read-only; :meth:`batch` gives a training batch's rows.
+class InMemorySignals:
+    """One batch's teacher view held in memory, served like a cache entry (``module.training_step``
+    outside a run: benchmarks and tests that compute the view themselves)."""
 
-    Pickled by its path (DataLoader workers reopen the memory maps instead of copying the arrays).
+    def __init__(self, view: SparseTeacher):
+        self._view = view
+
+    def view(self, index: Tensor, labels: Tensor) -> SparseTeacher:
+        return self._view
+
+
+class TeacherSignals:
+    """A cache entry, memory-mapped read-only; :meth:`view` gives a training batch's rows.
+
+    Pickled by its path (a process that unpickles it reopens the memory maps instead of copying the arrays).
     """
 
     def __init__(self, path: Path):
@@ -203,9 +214,9 @@ class TeacherSignals:
         """The cache rows of ``records``' labelled positions, record after record."""
         return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in records])
 
-    def batch(self, index: Tensor, labels: Tensor) -> dict:
+    def view(self, index: Tensor, labels: Tensor) -> SparseTeacher:
         """The teacher's rows for a training batch of records ``index`` (B,), laid out like ``labels``
-        (B, T): a :class:`SparseTeacher` as a batch entry (``SparseTeacher.as_dict``).
+        (B, T) and on their device: a :class:`SparseTeacher`.
 
         Checks that each record has as many labelled positions as cached and the same target
         tokens, so a cache that does not belong to these records stops the run instead of training
@@ -231,17 +242,16 @@ class TeacherSignals:
         def laid_out(name: str, dtype: torch.dtype) -> Tensor:
             flat = torch.from_numpy(np.ascontiguousarray(self.arrays[name][rows])).to(dtype)
             out = torch.zeros((b, t, *flat.shape[1:]), dtype=dtype)
-            out[mask] = flat
-            return out
+            out[mask.cpu()] = flat
+            return out.to(labels.device)
 
-        view = SparseTeacher(
+        return SparseTeacher(
             laid_out("values", torch.float32),
             laid_out("indices", torch.long),
             laid_out("log_norm", torch.float32),
             laid_out("log_tail", torch.float32),
             float(self.temperature),
         )
-        return view.as_dict()
 
 
 PAYLOAD = tuple(f"{name}.npy" for name in ARRAYS)

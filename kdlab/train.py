@@ -94,10 +94,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_causal(model, role, cfg.model[role].get("path", ""))
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
-    module = DistillModule(
-        student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, teacher_cached=bool(cache_k), **cfg.module
-    )
-
     logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -108,8 +104,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if "SLURM_JOB_ID" not in os.environ:
         # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-    if cache_k:  # one teacher pass over the training records, or the cached one: no teacher forward in training steps
-        datamodule.teacher_signals = teacher_cache.for_run(cfg, loss, teacher, tokenizer, datamodule, vocab_size, trainer)
+    # the teacher cache: one teacher pass over the training records (or the stored one), read by the training steps
+    signals = teacher_cache.for_run(cfg, loss, teacher, tokenizer, datamodule, vocab_size, trainer) if cache_k else None
+    module = DistillModule(
+        student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, teacher_signals=signals, **cfg.module
+    )
     try:
         # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

@@ -1,8 +1,9 @@
-"""The README's bad-input table: each user error stops before any model is built, naming cause and fix."""
+"""The bad-input table (docs/long-runs-and-failures.md): each user error stops before any model is built, naming cause and fix."""
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
+from omegaconf.errors import MissingMandatoryValue
 
 import kdlab.train
 from kdlab.train import run
@@ -42,8 +43,11 @@ def test_an_unknown_key_says_how_to_add_one():
         (["data.batch_size=0"], r"data.batch_size and data.eval_batch_size must be >= 1"),
         (["eval.temperature=0"], r"eval.temperature must be > 0"),
         (["data.splits.n_train=0"], r"the training split is empty"),
+        (["data/mixing=static"], r"Missing mandatory value: data.mixing"),
+        (["data.mixing={}"], r"data.mixing is empty: name each domain's weight, e.g. data.mixing='\{add: 2, ...\}'"),
+        (["data/mixing=static", "data.mixing={add: 4, nope: 1}"], r"data.mixing names unknown domain\(s\) \['nope'\]"),
     ],
 )
 def test_out_of_range_parameters_stop_before_models(tiny_cfg, no_models, overrides, message):
-    with pytest.raises((InstantiationException, ValueError), match=message):
+    with pytest.raises((InstantiationException, ValueError, MissingMandatoryValue), match=message):
         run(tiny_cfg(*overrides))

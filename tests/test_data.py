@@ -5,7 +5,7 @@ import torch
 
 from kdlab.data.datamodule import KDDataModule
 from kdlab.data.sampler import DomainMixtureSampler
-from kdlab.data.suite import Example, build_suite, build_tokenizer
+from kdlab.data.suite import Example, SuiteDataModule, build_tokenizer, encode
 from kdlab.data.suite_eval import SuiteChecker
 from kdlab.losses import IGNORE_INDEX
 
@@ -15,9 +15,13 @@ def tokenizer():
     return build_tokenizer()
 
 
+def encoded(splits, tokenizer):
+    return {name: [encode(example, tokenizer) for example in examples] for name, examples in splits.items()}
+
+
 def test_labels_are_the_answer_aligned_with_logits(tokenizer):
     ex = Example("copy", "copy a b =", "a b")
-    dm = KDDataModule({"train": [ex], "val": [ex], "test": [ex]}, tokenizer, batch_size=1)
+    dm = KDDataModule(encoded({"train": [ex], "val": [ex], "test": [ex]}, tokenizer), tokenizer, batch_size=1)
     batch = dm.collate(dm._dataset("train"))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
@@ -30,7 +34,7 @@ def test_labels_are_the_answer_aligned_with_logits(tokenizer):
 
 def test_prompts_are_left_padded_for_generation(tokenizer):
     short, long = Example("copy", "copy a =", "a"), Example("copy", "copy a b c =", "a b c")
-    dm = KDDataModule({"train": [short, long], "val": [short], "test": [short]}, tokenizer)
+    dm = KDDataModule(encoded({"train": [short, long], "val": [short], "test": [short]}, tokenizer), tokenizer)
     batch = dm.collate(dm._dataset("train"))
     pad = tokenizer.pad_token_id
     assert batch["prompt_ids"][0, :2].tolist() == [pad, pad] and batch["prompt_mask"][0].tolist() == [0, 0, 1, 1, 1, 1]
@@ -40,7 +44,7 @@ def test_prompts_are_left_padded_for_generation(tokenizer):
 def test_domain_without_eval_data_is_a_clear_error(tokenizer):
     train = [Example("copy", "copy a =", "a"), Example("sort", "sort 2 1 =", "1 2")]
     with pytest.raises(ValueError, match=r"\['sort'\] have training data but no val data"):
-        KDDataModule({"train": train, "val": train[:1], "test": train}, tokenizer)
+        KDDataModule(encoded({"train": train, "val": train[:1], "test": train}, tokenizer), tokenizer)
 
 
 def test_suite_checker_uses_each_domain_checker():
@@ -100,6 +104,14 @@ def test_sampler_rejects_bad_weights_and_empty_domains():
 
 
 def test_suite_datamodule_builds_every_split(tokenizer):
-    dm = KDDataModule(build_suite(n_train=20, n_val=4, n_test=4), tokenizer)
+    dm = SuiteDataModule(tokenizer, splits=dict(n_train=20, n_val=4, n_test=4))
     assert dm.domains == sorted(["copy", "reverse", "sort", "add", "grammar"])
     assert len(dm.val_dataloader().dataset) == 20 and dm.max_new_tokens >= 2
+
+
+def test_static_weights_name_the_domains_of_the_data(tiny_cfg):
+    from hydra.utils import instantiate
+
+    cfg = tiny_cfg("data/mixing=static", "data.mixing={add: 3, copy: 1}")
+    dm = instantiate(cfg.data, tokenizer=instantiate(cfg.model.tokenizer))
+    assert dm.sampler.weight_dict == pytest.approx({"add": 0.75, "copy": 0.25, "grammar": 0.0, "reverse": 0.0, "sort": 0.0})

@@ -248,7 +248,7 @@ def test_rollout_losses_are_refused_when_the_module_is_built(tokenizer):
 
 def test_the_fused_head_and_the_teacher_cache_are_refused_together(tokenizer):
     with pytest.raises(ValueError, match="teacher_cache.k is set.*set loss.fused_head=false or teacher_cache.k=null"):
-        DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), build("fkl", fused_head=True), tokenizer, teacher_cached=True)
+        DistillModule(llama(tokenizer, 16), llama(tokenizer, 16, seed=1), build("fkl", fused_head=True), tokenizer, teacher_signals=object())
 
 
 def test_non_token_sum_settings_and_bad_values_are_refused():

@@ -11,6 +11,7 @@ from kdlab.losses.base import IGNORE_INDEX, KDBatch
 from kdlab.losses.chunked import valid_rows
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
+from kdlab.teacher_cache import InMemorySignals
 from tests.test_fused import build, llama, step_batch, step_grads
 
 
@@ -49,7 +50,7 @@ def test_the_training_step_equals_the_full_logits_path(tokenizer, name, chunk_si
 
     monkeypatch.setattr(student, "forward", no_full_forward)
     monkeypatch.setattr(teacher, "forward", no_full_forward)
-    got, got_grads = step_grads(module, batch)
+    got, got_grads = step_grads(module, {**batch, "index": torch.arange(batch["labels"].shape[0])})
     torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-12)
     for key in grads:
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-10, atol=1e-12, msg=key)
@@ -57,12 +58,14 @@ def test_the_training_step_equals_the_full_logits_path(tokenizer, name, chunk_si
 
 def test_the_teacher_cache_rows_are_selected_like_the_logits(tokenizer):
     student, teacher = llama(tokenizer, 16, padded_rows=3), llama(tokenizer, 24, seed=1)
-    module = DistillModule(student, teacher, build("fkl", temperature=1.0), tokenizer, vocab_size=len(tokenizer), teacher_cached=True)
     batch = step_batch(tokenizer, seed=2)
     with torch.no_grad():
-        signals = sparse_teacher(module.teacher_logits(batch), 8)
+        signals = sparse_teacher(DistillModule(student, teacher, None, tokenizer, vocab_size=len(tokenizer)).teacher_logits(batch), 8)
+    module = DistillModule(
+        student, teacher, build("fkl", temperature=1.0), tokenizer, vocab_size=len(tokenizer), teacher_signals=InMemorySignals(signals)
+    )
     value, grads = reference_step(module, batch, teacher_signals=signals)
-    got, got_grads = step_grads(module, {**batch, "teacher_signals": signals.as_dict()})
+    got, got_grads = step_grads(module, {**batch, "index": torch.arange(batch["labels"].shape[0])})
     torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-12)
     for key in grads:
         torch.testing.assert_close(got_grads[key], grads[key], rtol=1e-10, atol=1e-12, msg=key)

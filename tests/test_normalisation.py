@@ -7,8 +7,8 @@ import torch
 from hydra.utils import instantiate
 from transformers import LlamaConfig
 
-from kdlab.data.datamodule import KDDataModule, split_batch
-from kdlab.data.suite import build_suite, build_tokenizer
+from kdlab.data.datamodule import split_batch
+from kdlab.data.suite import SuiteDataModule, build_tokenizer
 from kdlab.losses import IGNORE_INDEX
 from kdlab.losses.divergences import loss_config
 from kdlab.models import from_config
@@ -27,7 +27,7 @@ def tiny(tok, seed):
 @pytest.fixture(scope="module")
 def setup():
     tok = build_tokenizer()
-    dm = KDDataModule(build_suite(n_train=8, n_val=2, n_test=2, seed=1), tok, batch_size=4)
+    dm = SuiteDataModule(tok, splits=dict(n_train=8, n_val=2, n_test=2, seed=1), batch_size=4)
     items = dm._dataset("train")[::2][:16]  # every domain, answers of different lengths
     return tok, dm, dm.collate(items)
 

@@ -233,18 +233,18 @@ def assert_view_matches(cached: SparseTeacher, direct: SparseTeacher):
 def test_the_cache_round_trips_a_direct_teacher_forward_on_the_same_records(tiny_parts, tmp_path):
     cfg, tok, dm, teacher = tiny_parts
     for temperature in (1.0, 2.0):
-        dm.teacher_signals = teacher_cache.prepare(7, build_loss("fkl", temperature=temperature), teacher, tok, dm, len(tok), tmp_path)
-        assert dm.teacher_signals.temperature == temperature
+        signals = teacher_cache.prepare(7, build_loss("fkl", temperature=temperature), teacher, tok, dm, len(tok), tmp_path)
+        assert signals.temperature == temperature
         batches = iter(dm.train_dataloader())
         for _ in range(3):
             batch = next(batches)
             mask = batch["labels"] != IGNORE_INDEX
-            cached = SparseTeacher.from_dict(batch["teacher_signals"])
+            cached = signals.view(batch["index"], batch["labels"])
             assert cached.values.shape == (*batch["labels"].shape, 7)
             assert_view_matches(cached[mask], direct_view(teacher, batch, 7, temperature))
-        # micro-batches (gradient accumulation) keep their rows, trimmed like the labels
+        # micro-batches (gradient accumulation) find their rows by their records, laid out like their labels
         for micro in split_batch(batch, 2):
-            view = SparseTeacher.from_dict(micro["teacher_signals"])
+            view = signals.view(micro["index"], micro["labels"])
             assert view.values.shape[:2] == micro["labels"].shape
             assert_view_matches(view[micro["labels"] != IGNORE_INDEX], direct_view(teacher, micro, 7, temperature))
     assert len(list((tmp_path / "teacher_signals").iterdir())) == 2  # one entry per temperature
@@ -263,10 +263,10 @@ def test_the_cache_rows_of_file_data_match_the_teacher(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = FilesDataModule(tok, train=str(path), batch_size=4, max_length=32, holdout_fraction=0.2)
     teacher = AutoModelForCausalLM.from_pretrained(build("gpt2", tmp_path / "pair")[0]).eval()
-    dm.teacher_signals = teacher_cache.prepare(8, build_loss("rkl"), teacher, tok, dm, len(tok), tmp_path / "cache")
+    signals = teacher_cache.prepare(8, build_loss("rkl"), teacher, tok, dm, len(tok), tmp_path / "cache")
     for batch, _ in zip(dm.train_dataloader(), range(2)):
         mask = batch["labels"] != IGNORE_INDEX
-        assert_view_matches(SparseTeacher.from_dict(batch["teacher_signals"])[mask], direct_view(teacher, batch, 8))
+        assert_view_matches(signals.view(batch["index"], batch["labels"])[mask], direct_view(teacher, batch, 8))
 
 
 def test_the_key_changes_with_k_the_data_the_temperature_and_the_teacher(tiny_parts, tiny_cfg):
@@ -307,15 +307,15 @@ def test_a_cache_that_is_not_the_batch_records_stops_the_run(tiny_parts, tmp_pat
     cfg, tok, dm, teacher = tiny_parts
     signals = prepare(5, tok, dm, teacher, tmp_path)
     batch = dm.collate(dm._dataset("train")[:4])
-    signals.batch(batch["index"], batch["labels"])  # its own records: fine
+    signals.view(batch["index"], batch["labels"])  # its own records: fine
     with pytest.raises(RuntimeError, match="does not belong to these training records"):
-        signals.batch(batch["index"].roll(1), batch["labels"])
+        signals.view(batch["index"].roll(1), batch["labels"])
 
 
 # -- runs -------------------------------------------------------------------------------------------
 def test_two_jobs_share_one_cache_and_run_no_teacher_forward_in_training(tmp_path, cache_dir, monkeypatch, caplog):
     def no_teacher_forward(self, *args):
-        raise AssertionError("the teacher ran in a training step although the batch carried cached signals")
+        raise AssertionError("the teacher ran in a training step although the teacher cache serves it")
 
     labelled = DistillModule.labelled_logits
     monkeypatch.setattr(DistillModule, "teacher_logits", no_teacher_forward)  # train_only: no validation either

@@ -1,10 +1,10 @@
-"""The DataModule: tokenised :class:`Record`s from several domains, served for distillation.
+"""The DataModule: tokenised :class:`Record`s from several domains, sampled, batched and counted.
 
 Training batches follow a :class:`DomainMixtureSampler` (uniform over domains by default, any
 weights from the config, or DDK's moving weights). Validation and test batches keep every
 record once, in order, with left-padded prompts for generation and the reference answers.
-The built-in suite hands it :class:`Example`s (encoded here); file data
-(:class:`kdlab.data.files.FilesDataModule`) hands it records it tokenised itself.
+The data sources hand it record splits: the built-in suite (:class:`kdlab.data.suite.SuiteDataModule`)
+and your files (:class:`kdlab.data.files.FilesDataModule`) tokenise their own records.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from kdlab.data.records import Record, prompt_answer_record
+from kdlab.data.records import Record
 from kdlab.data.sampler import DomainMixtureSampler, MixtureBatchSampler
 from kdlab.losses.base import IGNORE_INDEX
 
@@ -30,10 +30,9 @@ class ExactMatch:
 
 
 class KDDataModule(L.LightningDataModule):
-    """Serves ``splits`` ({"train"|"val"|"test": [Record or suite Example]}) to the trainer.
+    """Serves ``splits`` ({"train"|"val"|"test": [Record]}) to the trainer.
 
-    A suite ``Example`` becomes ``<bos> prompt answer <eos>`` with the answer and ``<eos>`` as
-    targets. Labels are aligned with the logits (position t predicts token t+1). ``checker``
+    Labels are aligned with the logits (position t predicts token t+1). ``checker``
     scores greedy generations (exact match); None: no greedy generation at all. ``pretrain``:
     records of plain text for a pre-training term (MiniLLM's L_PT), drawn as ``batch["plain"]``
     beside every training batch; None: losses that need one use the batch's own sequences.
@@ -71,7 +70,7 @@ class KDDataModule(L.LightningDataModule):
         self.checker = checker
         self.extra_metrics = extra_metrics
         self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        self.records = {name: [self._encode(item) for item in split] for name, split in splits.items()}
+        self.records = {name: list(split) for name, split in splits.items()}
         self.pretrain = list(pretrain) if pretrain else None
         self.domains = sorted({r.domain for r in self.records["train"]})
         if not self.domains:
@@ -94,9 +93,6 @@ class KDDataModule(L.LightningDataModule):
         self.batches: MixtureBatchSampler | None = None  # the run's training batches, once a loader is built
         self._restored: tuple[dict, int] | None = None  # a checkpoint's sampler state, applied to the next loader
         self._pretrain_generator: torch.Generator | None = None
-        # the teacher cache (teacher_cache.k, kdlab/teacher_cache.py): set by kdlab.train before fit, it
-        # attaches each training batch's cached teacher rows, found by the records' indices
-        self.teacher_signals = None
 
     def setup(self, stage: str) -> None:
         # Under DDP every rank's sampler draws the same weighted stream and keeps every
@@ -115,20 +111,17 @@ class KDDataModule(L.LightningDataModule):
         self.sampler.rank, self.sampler.world_size = trainer.global_rank, trainer.world_size
 
     def _initial_weights(self, mixing: Mapping[str, float] | None) -> dict[str, float]:
-        if not mixing:
+        if mixing is None:
             return {d: 1.0 for d in self.domains}
+        if not mixing:
+            raise ValueError(
+                f"data.mixing is empty: name each domain's weight, e.g. data.mixing='{{{self.domains[0]}: 2, ...}}' (a domain "
+                f"left out gets 0; the domains are {self.domains}), or use data/mixing=uniform"
+            )
         unknown = sorted(set(mixing) - set(self.domains))
         if unknown:
             raise ValueError(f"data.mixing names unknown domain(s) {unknown}; the domains are {self.domains}")
         return {d: float(mixing.get(d, 0.0)) for d in self.domains}
-
-    def _encode(self, item) -> Record:
-        if isinstance(item, Record):
-            return item
-        tok = self.tokenizer  # a suite Example: <bos> prompt | answer <eos>
-        prompt = [tok.bos_token_id] + tok(item.prompt, add_special_tokens=False)["input_ids"]
-        answer = tok(item.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return prompt_answer_record(item.domain, prompt, answer, item.prompt, item.answer)
 
     def _check_lengths(self) -> None:
         longest = max((r for split in self.records.values() for r in split), key=lambda r: len(r.input_ids))
@@ -178,9 +171,7 @@ class KDDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def _train_collate(self, items: list[dict]) -> dict:
-        batch = self.collate(items)
-        if self.teacher_signals is not None:  # laid out like the labels; "index" is the record's place in records["train"]
-            batch["teacher_signals"] = self.teacher_signals.batch(batch["index"], batch["labels"])
+        batch = self.collate(items)  # "index": each record's place in records["train"] (the teacher cache's key)
         if self.pretrain:
             batch["plain"] = self._sequences(self._draw_pretrain(len(items)))
         return batch
@@ -291,9 +282,5 @@ def split_batch(batch: dict, k: int) -> list[dict]:
             micro["prompt_ids"], micro["prompt_mask"] = micro["prompt_ids"][:, -prompt_width:], micro["prompt_mask"][:, -prompt_width:]
         if isinstance(batch.get("plain"), dict):  # the pre-training corpus batch, split alike
             micro["plain"] = {key: value[rows] for key, value in batch["plain"].items()}
-        if isinstance(batch.get("teacher_signals"), dict):  # the teacher cache's rows, trimmed like the labels
-            micro["teacher_signals"] = {
-                key: value[rows, :width] if torch.is_tensor(value) else value for key, value in batch["teacher_signals"].items()
-            }
         out.append(micro)
     return out

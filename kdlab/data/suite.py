@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from kdlab.data.datamodule import KDDataModule
+from kdlab.data.records import Record, prompt_answer_record
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 MARKER = "="
@@ -384,3 +387,23 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK,
         clean_up_tokenization_spaces=False,  # else " ." would be glued to the previous word
     )
+
+
+# -- the suite as a data source -------------------------------------------------------------------
+def encode(example: Example, tokenizer) -> Record:
+    """``<bos> prompt | answer <eos>``, with the answer and ``<eos>`` as the targets."""
+    prompt = [tokenizer.bos_token_id] + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_answer_record(example.domain, prompt, answer, example.prompt, example.answer)
+
+
+def suite_records(tokenizer, **settings) -> dict[str, list[Record]]:
+    """:func:`build_suite` with ``settings`` (domains, n_train, n_val, n_test, seed), tokenised."""
+    return {split: [encode(ex, tokenizer) for ex in examples] for split, examples in build_suite(**settings).items()}
+
+
+class SuiteDataModule(KDDataModule):
+    """``data=suite``: the built-in suite's records (``splits``: the generator's settings) in a :class:`KDDataModule`."""
+
+    def __init__(self, tokenizer, splits, **kwargs):
+        super().__init__(suite_records(tokenizer, **splits), tokenizer, **kwargs)

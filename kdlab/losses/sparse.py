@@ -86,15 +86,6 @@ class SparseTeacher:
         values = _upcast(self.values)
         return values / self.temperature - self.log_norm.to(values.dtype).unsqueeze(-1)
 
-    def as_dict(self) -> dict:
-        """The view as a batch entry (tensors the trainer moves to the device, and the temperature)."""
-        return {**{name: getattr(self, name) for name in self.TENSORS}, "temperature": self.temperature}
-
-    @classmethod
-    def from_dict(cls, entry: dict) -> SparseTeacher:
-        return cls(*(entry[name] for name in cls.TENSORS), temperature=float(entry["temperature"]))
-
-
 
 def _upcast(x: Tensor) -> Tensor:
     """float32 for half-precision values; float64 stays float64 (as the §1 divergences)."""
