@@ -74,6 +74,12 @@ def test_help_and_the_composed_config_from_another_directory(installed, tmp_path
     job = run_elsewhere(python, ["--cfg", "job", "loss=rlkd", "loss.base=tvd"], tmp_path)
     assert job.returncode == 0, job.stderr[-2000:]
     assert "_target_: kdlab.losses.rlkd.RankingKD" in job.stdout and "chunk_size: auto" in job.stdout
+    # a user's own option beside the shipped ones (--config-dir), extending the shared loss settings
+    mine = tmp_path / "my_conf" / "loss" / "mine.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("defaults:\n  - /loss_common/divergence@_here_\n  - _self_\ndivergence:\n  _target_: kdlab.losses.divergences.total_variation\n  _partial_: true\n")
+    own = run_elsewhere(python, ["--config-dir", str(mine.parents[1]), "--cfg", "job", "loss=mine"], tmp_path)
+    assert own.returncode == 0 and "kdlab.losses.divergences.total_variation" in own.stdout and "temperature: 1.0" in own.stdout, own.stderr[-2000:]
 
 
 def test_a_two_step_run_from_another_directory(installed, tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import inspect
 import json
 import logging
 import random
@@ -376,6 +377,72 @@ def hold_out(records: list[Record], fraction: float, limit: int, seed: int, name
     return kept, held
 
 
+def read_splits(
+    tokenizer,
+    train,
+    val=None,
+    test=None,
+    pretrain=None,
+    format: str = "auto",
+    fields: Mapping[str, str] | None = None,
+    chat_template: str | bool = "auto",
+    domain_field: str = "domain",
+    default_domain: str = "default",
+    packing: bool = False,
+    holdout_fraction: float = 0.05,
+    max_holdout: int = 256,
+    num_proc: int | None = None,
+    max_length: int = 1024,
+    seed: int = 0,
+) -> tuple[dict[str, list[Record]], list[Record] | None, int | None]:
+    """Your files as record splits: ``({"train"|"val"|"test": records}, the pretrain records or None,
+    the chat template's end-of-turn token or None)``. The settings are ``data=files``'s (kdlab/conf/data/files.yaml)."""
+    if not train:
+        raise ValueError("data=files needs data.train: a path, a glob, or a mapping domain -> path(s)")
+    if not 0.0 < holdout_fraction < 1.0 or max_holdout < 1:
+        raise ValueError(f"data.holdout_fraction must be in (0, 1) and data.max_holdout >= 1, got {holdout_fraction}, {max_holdout}")
+    if max_length < 2:
+        raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+    fields = OmegaConf.to_container(fields) if isinstance(fields, DictConfig) else fields
+    encoding = Encoding(max_length, format, fields, chat_template, domain_field, default_domain)
+    # every path is checked before any file is tokenised
+    sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
+    splits, end_tokens = {}, Counter()
+    tok_hash = tokenizer_fingerprint(tokenizer)
+    for name in ("train", "val", "test"):
+        if sources[name]:
+            splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash)
+            end_tokens.update(ends)
+            if packing:
+                splits[name] = pack(splits[name], max_length)
+            if not splits[name]:
+                raise ValueError(f"data.{name}: every record was dropped ({dict(counts)}); raise data.max_length")
+    for name in ("val", "test"):
+        if name not in splits:
+            splits["train"], splits[name] = hold_out(splits["train"], holdout_fraction, max_holdout, seed, name)
+    plain = None
+    if sources["pretrain"]:
+        text = Encoding(max_length, "text", fields, chat_template, domain_field, "pretrain")
+        plain = pack(load_records(sources["pretrain"], tokenizer, text, "pretrain", num_proc, tok_hash)[0], max_length)
+    _check_every_domain_evaluated(splits, sources)
+    sizes = {name: Counter(r.domain for r in split) for name, split in splits.items()}
+    log.info("data=files: %s", "; ".join(f"{n} {dict(sorted(c.items()))}" for n, c in sizes.items()))
+    eos = end_tokens.most_common(1)[0][0] if end_tokens else None  # the chat template's end-of-turn token
+    return splits, plain, eos
+
+
+def _check_every_domain_evaluated(splits: dict, sources: dict) -> None:
+    domains = {r.domain for r in splits["train"]}
+    for name in ("val", "test"):
+        missing = sorted(domains - {r.domain for r in splits[name]})
+        if missing:
+            files = ", ".join(str(s.path) for s in sources[name]) or "held out from data.train"
+            raise ValueError(
+                f"domain(s) {missing} have training records but no {name} records ({files}); every domain needs "
+                f"{name} data (DDK weights domains by it). Add them, or leave data.{name} unset to hold them out of data.train."
+            )
+
+
 class FilesDataModule(KDDataModule):
     """The DataModule over your own files (``data=files``); see the module docstring for formats.
 
@@ -383,70 +450,14 @@ class FilesDataModule(KDDataModule):
     A split not given is held out from ``train``: ``holdout_fraction`` of each domain (at least 1,
     at most ``max_holdout`` records), deterministic from ``seed``. ``pretrain``: plain-text files
     for MiniLLM's pre-training term (default: the training sequences themselves). ``checker``:
-    None (no greedy exact match) or e.g. :class:`kdlab.data.datamodule.ExactMatch`.
+    None (no greedy exact match) or e.g. :class:`kdlab.data.datamodule.ExactMatch`. The records
+    come from :func:`read_splits` (its settings); every other argument is :class:`KDDataModule`'s.
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        train=None,
-        val=None,
-        test=None,
-        pretrain=None,
-        format: str = "auto",
-        fields: Mapping[str, str] | None = None,
-        chat_template: str | bool = "auto",
-        domain_field: str = "domain",
-        default_domain: str = "default",
-        packing: bool = False,
-        holdout_fraction: float = 0.05,
-        max_holdout: int = 256,
-        num_proc: int | None = None,
-        max_length: int = 1024,
-        seed: int = 0,
-        **kwargs,
-    ):
-        if not train:
-            raise ValueError("data=files needs data.train: a path, a glob, or a mapping domain -> path(s)")
-        if not 0.0 < holdout_fraction < 1.0 or max_holdout < 1:
-            raise ValueError(f"data.holdout_fraction must be in (0, 1) and data.max_holdout >= 1, got {holdout_fraction}, {max_holdout}")
-        if max_length < 2:
-            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
-        fields = OmegaConf.to_container(fields) if isinstance(fields, DictConfig) else fields
-        encoding = Encoding(max_length, format, fields, chat_template, domain_field, default_domain)
-        # every path is checked before any file is tokenised
-        sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
-        splits, end_tokens = {}, Counter()
-        tok_hash = tokenizer_fingerprint(tokenizer)
-        for name in ("train", "val", "test"):
-            if sources[name]:
-                splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash)
-                end_tokens.update(ends)
-                if packing:
-                    splits[name] = pack(splits[name], max_length)
-                if not splits[name]:
-                    raise ValueError(f"data.{name}: every record was dropped ({dict(counts)}); raise data.max_length")
-        for name in ("val", "test"):
-            if name not in splits:
-                splits["train"], splits[name] = hold_out(splits["train"], holdout_fraction, max_holdout, seed, name)
-        plain = None
-        if sources["pretrain"]:
-            text = Encoding(max_length, "text", fields, chat_template, domain_field, "pretrain")
-            plain = pack(load_records(sources["pretrain"], tokenizer, text, "pretrain", num_proc, tok_hash)[0], max_length)
-        self._check_every_domain_evaluated(splits, sources)
-        eos = end_tokens.most_common(1)[0][0] if end_tokens else None  # the chat template's end-of-turn token
+    def __init__(self, tokenizer, train=None, *, max_length: int = 1024, seed: int = 0, **kwargs):
+        reading = {name: kwargs.pop(name) for name in READ_SETTINGS if name in kwargs}
+        splits, plain, eos = read_splits(tokenizer, train, max_length=max_length, seed=seed, **reading)
         super().__init__(splits, tokenizer, max_length=max_length, seed=seed, pretrain=plain, eos_token_id=eos, **kwargs)
-        sizes = {name: Counter(r.domain for r in split) for name, split in splits.items()}
-        log.info("data=files: %s", "; ".join(f"{n} {dict(sorted(c.items()))}" for n, c in sizes.items()))
 
-    @staticmethod
-    def _check_every_domain_evaluated(splits: dict, sources: dict) -> None:
-        domains = {r.domain for r in splits["train"]}
-        for name in ("val", "test"):
-            missing = sorted(domains - {r.domain for r in splits[name]})
-            if missing:
-                files = ", ".join(str(s.path) for s in sources[name]) or "held out from data.train"
-                raise ValueError(
-                    f"domain(s) {missing} have training records but no {name} records ({files}); every domain needs "
-                    f"{name} data (DDK weights domains by it). Add them, or leave data.{name} unset to hold them out of data.train."
-                )
+
+READ_SETTINGS = tuple(inspect.signature(read_splits).parameters)[2:]  # read_splits' own, beside KDDataModule's
