@@ -7,8 +7,9 @@ of the teacher (kdlab/losses/sparse.py): its k largest logits and their ids, the
 and the log of the probability left outside the top-k, at the objective's temperature. The
 arrays are memory-mapped from ``<paths.cache_dir>/teacher_signals/<key>/``, every job of the
 sweep (and every later run) with the same key reuses them, and training steps run no teacher
-forward: the DataModule attaches each training batch's rows (``batch["teacher_signals"]``) and
-the module hands the objective a sparse view instead of dense teacher logits. Validation and test
+forward: the module is given the entry (:class:`TeacherSignals`), and its cached-teacher step
+(kdlab/steps.py) reads each batch's rows by the records' indices and hands the objective a
+sparse view instead of dense teacher logits. Validation and test
 still run the teacher (its reference metrics). The objectives then see the teacher on k + 1
 outcomes — an approximation, said in a warning (the tail treatment: kdlab/losses/sparse.py).
 
