@@ -52,6 +52,43 @@ def check_trainer(trainer: DictConfig) -> None:
         raise ValueError("trainer=fsdp needs GPUs (Lightning's FSDP runs on CUDA only); on CPU use trainer=ddp")
     if trainer.get("accumulate_grad_batches", 1) < 1:
         raise ValueError(f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} must be >= 1")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+        raise ValueError(f"trainer.gradient_clip_val={clip!r} must be a number >= 0 (0 or null: no clipping)")
+    precision = str(trainer.get("precision", "32-true"))
+    on_cpu = trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if on_cpu and precision in ("16", "16-mixed", "16-true"):
+        # Lightning would train in bf16-mixed instead, while the saved config and the cache keys say 16
+        raise ValueError(
+            f"trainer.precision={precision} is float16, which needs a GPU: on CPU Lightning would switch to bf16 "
+            "while this run's config says 16. Set trainer.precision=bf16-mixed or 32-true"
+        )
+
+
+def check_schedule(cfg: DictConfig) -> None:
+    """The learning rate reaches its set value, and validations (checkpoints, DDK's updates) happen."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    warmup = cfg.module.get("warmup_steps") or 0
+    if max_steps > 0 and warmup > max_steps:
+        raise ValueError(
+            f"module.warmup_steps={warmup} is above trainer.max_steps={max_steps}: the learning rate would peak at "
+            f"{max_steps / warmup:.0%} of module.lr={cfg.module.lr}. Set module.warmup_steps={max(1, max_steps // 10)} (or any value <= {max_steps})"
+        )
+    for role in ("teacher", "student"):
+        t = cfg.model.get(f"{role}_training")
+        if t and (t.get("warmup_steps") or 0) > t.max_steps:
+            raise ValueError(
+                f"model.{role}_training.warmup_steps={t.warmup_steps} is above its max_steps={t.max_steps}: the learning "
+                f"rate would never reach model.{role}_training.lr; set warmup_steps <= {t.max_steps}"
+            )
+    interval = cfg.trainer.get("val_check_interval")
+    ddk = "ddk" in (cfg.get("callbacks") or {}) and cfg.callbacks.ddk is not None
+    if ddk and max_steps > 0 and isinstance(interval, int) and interval >= max_steps:
+        raise ValueError(
+            f"data/mixing=ddk reweights the domains at each validation, and trainer.val_check_interval={interval} is not "
+            f"below trainer.max_steps={max_steps}: no update would happen before the end. Set trainer.val_check_interval "
+            f"to a fraction of the run, e.g. {max(1, max_steps // 4)}"
+        )
 
 
 def _writable_folder(folder: Path, what: str, fix: str) -> Path:
@@ -95,6 +132,7 @@ def check_run(cfg: DictConfig) -> None:
         check_optimisation(t.lr, None, None, t.get("warmup_steps"), t.get("min_lr_ratio"), prefix=f"model.{role}_training")
         if t.max_steps < 1:
             raise ValueError(f"model.{role}_training.max_steps={t.max_steps} trains nothing; set it >= 1 or model.{role}_training=null")
+    check_schedule(cfg)
     if trained:
         check_cache_dir(cfg.paths.cache_dir)
 

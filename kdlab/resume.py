@@ -8,15 +8,17 @@ A run writes ``<run>/kdlab/config.yaml`` (the resolved config it was started wit
 ``<run>/kdlab/wandb_id``. ``resume=auto`` continues from ``checkpoints/last.ckpt`` (written at every
 validation and on SIGTERM or SIGUSR1; under SLURM, Lightning's own requeue checkpoint if newer), restoring the student, optimiser, schedule, step, the data stream
 (the sampler's exact position and DDK's weights), the rollout buffer and the random streams, and
-logs into the same W&B run. A folder started with another config is refused, naming the keys.
+logs into the same W&B run. A folder started with another config is refused, naming the keys;
+``ckpt_path=`` is compared with the config of the run that wrote the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,26 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _plain(cfg: DictConfig) -> dict:
+    """The config as it decides the run: resolved, with the paths as placeholders, so that values
+    made from them (the checkpoint folder, the trainer's root) do not differ when a folder moves."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in list(cfg.get("paths") or {}):
+            cfg.paths[key] = f"<paths.{key}>"
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in IGNORED:
         plain.pop(key, None)
     return plain
+
+
+def check_same_config(saved: Path, cfg: DictConfig, what: str) -> None:
+    """The config a run folder was started with (``saved``) is this one, but for where and how to resume."""
+    differ = differing_keys(OmegaConf.to_container(OmegaConf.load(saved)), _plain(cfg))
+    if differ:
+        raise ValueError(
+            f"{what} was started with another config; differing keys: {', '.join(differ[:20])}. Resume with the same "
+            "overrides, or start a new run folder"
+        )
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -65,6 +83,14 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint file")
+        if not zipfile.is_zipfile(path):  # torch.save's format: found now, not after the models are built
+            raise ValueError(f"ckpt_path={cfg.ckpt_path} is not a PyTorch checkpoint (a run's checkpoints/*.ckpt)")
+        # <run>/checkpoints/<name>.ckpt: the config of the run that wrote it, when it is there
+        origin = state_dir(path.resolve().parent.parent) / "config.yaml"
+        if origin.is_file():
+            check_same_config(origin, cfg, f"ckpt_path: the run that wrote {path}")
+        else:
+            log.warning("ckpt_path=%s: no config of the run that wrote it (%s); its settings cannot be compared with this run's", path, origin)
         return str(path)
     resume = cfg.get("resume")
     if resume not in (None, "auto"):
@@ -81,12 +107,7 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
         log.info("resume=auto: %s has no checkpoint yet; starting the run", out_dir)
         return None
     if saved.is_file():
-        differ = differing_keys(OmegaConf.to_container(OmegaConf.load(saved)), _plain(cfg))
-        if differ:
-            raise ValueError(
-                f"resume=auto: the run in {out_dir} was started with another config; differing keys: {', '.join(differ[:20])}. "
-                "Resume with the same overrides, or start a new run folder"
-            )
+        check_same_config(saved, cfg, f"resume=auto: the run in {out_dir}")
     log.info("Resuming %s from %s", out_dir, last)
     return str(last)
 

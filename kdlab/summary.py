@@ -41,10 +41,10 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             continue
         row = {"job": job.name, "overrides": list(OmegaConf.load(overrides))}
         metrics, failed = job / "metrics.json", job / FAILED
-        if metrics.is_file():
-            row.update(json.loads(metrics.read_text()))
-        elif failed.is_file():
+        if failed.is_file():  # a failure after metrics.json (an old layout, or a job rerun in place) wins
             row["status"] = f"failed: {failed.read_text().strip()}"
+        elif metrics.is_file():
+            row.update(json.loads(metrics.read_text()))
         else:
             row["status"] = "no metrics.json (unfinished)"
         rows.append(row)

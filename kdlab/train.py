@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.build import build_model
 from kdlab.callbacks.throughput import Throughput
+from kdlab.errors import TRACEBACK_HINT, USER_ERROR, user_message, wants_traceback
 from kdlab.losses.base import needs_of
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
@@ -50,10 +51,21 @@ def final_metrics(trainer, module, datamodule, train_only: bool) -> dict[str, fl
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k not in metrics})
         return dict(sorted(metrics.items()))
     best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
+    if best and not Path(best).is_file():  # recorded before the run folder was moved (resume=auto): the same file here
+        best = str(Path(trainer.checkpoint_callback.dirpath) / Path(best).name)
     for evaluate in (trainer.validate, trainer.test):
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})
     return dict(sorted(metrics.items()))
+
+
+def counted_in_optimiser_steps(trainer: DictConfig) -> dict:
+    """``trainer.val_check_interval`` counts optimiser steps (its documented unit); Lightning counts
+    batches, so under gradient accumulation over k micro-batches it is handed k times the value."""
+    interval, k = trainer.get("val_check_interval"), trainer.get("accumulate_grad_batches", 1)
+    if isinstance(interval, int) and k > 1:
+        return {"val_check_interval": interval * k}
+    return {}
 
 
 def training_only(cfg: DictConfig) -> DictConfig:
@@ -76,6 +88,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cfg = training_only(cfg)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = checkpoint_to_resume(cfg, out_dir)
+    (out_dir / FAILED).unlink(missing_ok=True)  # a job continued in place is no longer the failed one
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.model.tokenizer)
     check_tokenizers(tokenizer, cfg.model.student.get("path"))
@@ -100,7 +113,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         save_logger_id(logger, out_dir)
     save_config(cfg, out_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **counted_in_optimiser_steps(cfg.trainer))
     if "SLURM_JOB_ID" not in os.environ:
         # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
@@ -119,7 +132,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; saved {last}: continue with "
             "resume=auto (same hydra.run.dir); nothing was exported (no metrics.json, no student/)"
         ) from None
-    metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
+    try:
+        metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
+    except SIGTERMException:  # Lightning's SystemExit without a code: it would exit 0 with nothing exported
+        raise RunInterrupted(
+            f"interrupted by SIGTERM during the final evaluation (training finished at step {trainer.global_step}); "
+            "nothing was exported (no metrics.json, no student/): continue with resume=auto (same hydra.run.dir), "
+            "which resumes from the last checkpoint, then evaluates and exports"
+        ) from None
     export(trainer, student, tokenizer, datamodule.eos_token_id, metrics, out_dir)
     if logger and trainer.is_global_zero:
         if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
@@ -129,20 +149,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def export(trainer, student, tokenizer, eos_token_id: int, metrics: dict[str, float], out_dir: Path) -> None:
-    """``metrics.json`` and ``student/`` (save_pretrained, with the tokenizer), written by rank 0,
-    after checking that the student trained and is finite."""
+    """``student/`` (save_pretrained, with the tokenizer), then ``metrics.json``, written by rank 0,
+    after checking that the student trained and is finite. ``metrics.json`` comes last and whole
+    (written beside, then renamed): a run folder that has one holds a complete student (a full disk
+    during the export fails the run, and a sweep's summary lists it as failed)."""
     # the student's full weights (gathered from every rank when sharded); a collective call on every rank
     full = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
         return  # under DDP and FSDP, rank 0 alone checks and writes the run's files
     state = {k.removeprefix("student."): v for k, v in full.items() if k.startswith("student.")}
     check_trained(trainer, student, metrics, state=state)  # an untrained or diverged student is never exported
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if eos_token_id != tokenizer.eos_token_id:  # e.g. a chat template's end-of-turn token
         student.generation_config.eos_token_id = [eos_token_id, tokenizer.eos_token_id]
     student.generation_config.pad_token_id = tokenizer.pad_token_id
     student.save_pretrained(out_dir / "student", state_dict=state)
     tokenizer.save_pretrained(out_dir / "student")
+    partial = out_dir / "metrics.json.partial"
+    partial.write_text(json.dumps(metrics, indent=2))
+    partial.replace(out_dir / "metrics.json")
     log.info("metrics: %s; student exported to %s", out_dir / "metrics.json", out_dir / "student")
 
 
@@ -168,14 +192,20 @@ def main(cfg: DictConfig) -> float | None:
         print(f"kdlab: {err}", file=sys.stderr, flush=True)
         sys.exit(128 + signal.SIGTERM)  # non-zero, as a shell reports a process killed by SIGTERM
     except Exception as err:
-        log.exception("the run failed")  # into the job's own log (train.log in its folder), not only stderr
+        message = None if wants_traceback() else user_message(err)
+        if message is None:  # a crash: its traceback, into the job's own log (train.log) and stderr
+            log.exception("the run failed")
+        else:  # a user error: kdlab's message alone (kdlab/errors.py)
+            log.error("%s\n%s", message, TRACEBACK_HINT)
         _finish_wandb(cfg, exit_code=1)  # the next job of a sweep must not log into this W&B run
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise
+            if message is None:
+                raise
+            sys.exit(USER_ERROR)
         # In a sweep the other jobs still run; this one is listed as failed, with its error, in
         # summary.csv and the printed table (kdlab.summary), and the sweep exits non-zero.
         with contextlib.suppress(OSError):  # the failure may be that the folder is not writable
-            (Path(cfg.paths.output_dir) / FAILED).write_text(f"{type(err).__name__}: {err}")
+            (Path(cfg.paths.output_dir) / FAILED).write_text(message or f"{type(err).__name__}: {err}")
         return float("nan") if cfg.get("optimized_metric") else None
     _finish_wandb(cfg)  # one W&B run per sweep job
     return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None

@@ -75,3 +75,32 @@ def test_resuming_with_another_config_names_the_keys_and_a_used_folder_needs_res
     assert len({p.name.split("-")[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}) == 1
     with pytest.raises(FileNotFoundError, match="ckpt_path=.*nope.ckpt is not a checkpoint file"):
         run(again(f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+def test_ckpt_path_is_checked_against_its_run_and_its_format_before_any_model(tiny_cfg, tmp_path, monkeypatch):
+    first = tiny_cfg("trainer.max_steps=3")
+    first.paths.output_dir = str(tmp_path / "run")
+    run(first)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr("kdlab.train.build_model", lambda *a: pytest.fail("a model was built before the refusal"))
+
+    def elsewhere(*overrides):
+        cfg = tiny_cfg("trainer.max_steps=3", *overrides)
+        cfg.paths.output_dir = str(tmp_path / "other")
+        return cfg
+
+    with pytest.raises(ValueError, match=r"ckpt_path: the run that wrote .*last.ckpt was started with another config; differing keys: loss\.divergence\._target_"):
+        run(elsewhere("loss=tvd", f"ckpt_path={ckpt}"))
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes.ckpt is not a PyTorch checkpoint"):
+        run(elsewhere(f"ckpt_path={tmp_path / 'notes.ckpt'}"))
+
+
+def test_a_moved_run_folder_resumes(tiny_cfg, tmp_path):
+    first = tiny_cfg("trainer.max_steps=3")
+    first.paths.output_dir = str(tmp_path / "run")
+    run(first)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    again = tiny_cfg("trainer.max_steps=3", "resume=auto")
+    again.paths.output_dir = str(tmp_path / "moved")
+    assert run(again)  # the checkpoint folder and the trainer's root moved with it: no config difference

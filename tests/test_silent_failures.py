@@ -19,6 +19,7 @@ from transformers import BertConfig, BertLMHeadModel
 import kdlab.train
 from kdlab.cache import MANIFEST, data_fingerprint
 from kdlab.losses.base import LossOutput, Needs
+from kdlab.module import DistillModule
 from kdlab.preflight import check_trained
 from kdlab.train import run
 from kdlab.warm_start import load_cached, load_or_train
@@ -290,12 +291,27 @@ def test_a_failing_sweep_job_is_listed_with_its_error_and_the_others_finish(tmp_
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]  # the sweep did not succeed as a whole
     log = (tmp_path / "sweep" / "0" / "train.log").read_text()
-    assert "the run failed" in log and "module.min_lr_ratio=-1" in log and "gradient ascent" in log
+    # a user error: kdlab's message alone, no traceback (kdlab/errors.py)
+    assert "module.min_lr_ratio=-1" in log and "gradient ascent" in log and "Traceback" not in log
     with open(tmp_path / "sweep" / "summary.csv") as f:
         rows = {r["job"]: r for r in csv.DictReader(f)}
-    assert rows["0"]["status"].startswith("failed: ValueError: module.min_lr_ratio=-1")
+    assert rows["0"]["status"].startswith("failed: module.min_lr_ratio=-1")
     assert float(rows["1"]["test/exact_match"]) >= 0.0 and not rows["1"]["status"]  # the next job ran and finished
-    assert "failed: ValueError" in result.stdout and "1 job(s) failed" in result.stderr
+    assert "failed: module.min_lr_ratio=-1" in result.stdout and "1 job(s) failed" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_user_error_shows_the_message_alone_with_its_own_exit_status(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "kdlab.train", *TINY, "module.lr=-1", "+loss.k=3", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "module.lr=-1 must be a finite number > 0" in out and "KDLAB_TRACEBACK=1" in out
+    assert "Traceback" not in out and "Error executing job" not in out
+    unknown = subprocess.run([*cmd[:-3], "+loss.k=3", f"hydra.run.dir={tmp_path / 'run2'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert unknown.returncode == 2 and "loss.k is not a setting of TokenKD (loss); remove it" in unknown.stdout + unknown.stderr
+    traced = subprocess.run(cmd, cwd=ROOT, env={**env, "KDLAB_TRACEBACK": "1"}, capture_output=True, text=True, timeout=600)
+    assert traced.returncode == 1 and "Traceback" in traced.stderr
 
 def test_a_run_folder_that_cannot_be_created_stops_first(tiny_cfg, no_models, tmp_path):
     (tmp_path / "a_file").write_text("")
@@ -303,3 +319,45 @@ def test_a_run_folder_that_cannot_be_created_stops_first(tiny_cfg, no_models, tm
     cfg.paths.output_dir = str(tmp_path / "a_file" / "run")
     with pytest.raises(PermissionError, match=r"the run folder .* cannot be created \(Not a directory\); set hydra.run.dir"):
         run(cfg)
+
+
+# -- the second round (interruptions, export, accumulation) -----------------------------------------
+def test_val_check_interval_counts_optimiser_steps_under_accumulation(tiny_cfg, monkeypatch):
+    import kdlab.train as train
+
+    validations, original = [], DistillModule.on_validation_epoch_end
+    monkeypatch.setattr(DistillModule, "on_validation_epoch_end", lambda self: validations.append(self.global_step) or original(self))
+    train.run(tiny_cfg("trainer.accumulate_grad_batches=2", "data.batch_size=8", "trainer.max_steps=6", "trainer.val_check_interval=3"))
+    assert validations[:2] == [3, 6]  # after 3 and 6 optimiser steps, not after 3 micro-batches
+
+
+def test_sigterm_during_the_final_evaluation_fails_the_run_and_exports_nothing(tiny_cfg, monkeypatch, tmp_path):
+    import kdlab.train as train
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def interrupted(*args, **kwargs):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(train, "final_metrics", interrupted)
+    cfg = tiny_cfg("trainer.max_steps=3")
+    with pytest.raises(train.RunInterrupted, match=r"during the final evaluation \(training finished at step 3\).*resume=auto"):
+        train.run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()
+
+
+def test_a_full_disk_during_the_export_leaves_no_metrics_json(tiny_cfg, monkeypatch):
+    import kdlab.train as train
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+
+    def full_disk(self, folder, *args, **kwargs):  # only the export fills the disk (the cached models still save)
+        if Path(folder).name == "student":
+            raise OSError(28, "No space left on device")
+        return original(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    cfg = tiny_cfg("trainer.max_steps=3")
+    with pytest.raises(OSError, match="No space left"):
+        train.run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()  # a sweep's summary lists the job as failed

@@ -84,6 +84,8 @@ class KDDataModule(L.LightningDataModule):
                 )
         self._check_lengths()
         responses = [r.response_len for split in self.records.values() for r in split]
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"data.max_new_tokens={max_new_tokens} must be >= 1, or null for the longest reference response")
         self.max_new_tokens = max_new_tokens or max(responses) or 1
         domain_indices = {d: [] for d in self.domains}
         for i, r in enumerate(self.records["train"]):

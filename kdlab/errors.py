@@ -1,0 +1,49 @@
+"""Which failures are the user's to fix, and how they are shown: kdlab's message alone, exit status 2.
+
+Every check of kdlab raises a plain exception whose message names the cause and the fix (a
+``ValueError`` for a setting, ``FileNotFoundError``/``PermissionError`` for a path, a
+``FloatingPointError`` for a diverged run, and Hydra's ``InstantiationException`` around the ones
+raised while a config node is built). Those are shown as one short block, without the Python
+traceback, and the process exits with :data:`USER_ERROR`, distinct from a crash (1, with its
+traceback) and from an interrupted run (143). ``KDLAB_TRACEBACK=1`` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from hydra.errors import InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+USER_ERROR = 2  # the exit status of a run stopped by a user error (as argparse's usage errors)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+TRACEBACK_HINT = "(for the Python traceback, rerun with KDLAB_TRACEBACK=1)"
+
+
+def wants_traceback() -> bool:
+    return os.environ.get("KDLAB_TRACEBACK", "").strip() not in ("", "0")
+
+
+def user_message(err: BaseException) -> str | None:
+    """The message to show for a user error, or None for a crash (shown with its traceback)."""
+    where = ""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        found = re.search(r"full_key: (\S+)", str(err))
+        where = found.group(1) if found else where
+        err = err.__cause__
+    if isinstance(err, TypeError) and where:  # a setting the target does not take, e.g. +loss.k=3 on fkl
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown:
+            return f"{where}.{unknown.group(1)} is not a setting of {_target_name(str(err))} ({where}); remove it or check its spelling"
+        return f"{where}: {err}"
+    if isinstance(err, OmegaConfBaseException):  # e.g. a mandatory value (???) left unset
+        return str(err).splitlines()[0]
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    return None
+
+
+def _target_name(message: str) -> str:
+    found = re.search(r"(\w+)\.__init__\(\)", message)
+    return found.group(1) if found else "its target"
