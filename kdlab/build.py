@@ -7,12 +7,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdlab.cache import cache_key, data_fingerprint
 from kdlab.data.files import tokenizer_fingerprint
+from kdlab.models import check_positions
 from kdlab.warm_start import load_or_train
 
 
 def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     """The teacher or the student; CE-trained first (and cached) where ``model.<role>_training`` is set."""
     model = instantiate(cfg.model[role], tokenizer=tokenizer)
+    check_positions(model, role, *datamodule.longest_sequence())  # before any training on the data
     training = cfg.model.get(f"{role}_training")
     if not training:
         return model  # used as it is: a pretrained model, or a student distilled from scratch

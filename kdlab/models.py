@@ -92,6 +92,13 @@ def from_pretrained(
         model, loading = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
     except ValueError as err:  # "Unrecognized configuration class ... for AutoModelForCausalLM"
         raise ValueError(f"{role} {str(folder)!r} ({config.model_type}) is not a causal language model: {err}") from None
+    except Exception as err:  # e.g. safetensors' "incomplete metadata, file not fully covered": a truncated copy
+        if type(err).__module__.split(".")[0] not in ("safetensors", "torch", "pickle", "_pickle"):
+            raise
+        raise ValueError(
+            f"{role} {str(folder)!r}: its weight files cannot be read ({type(err).__name__}: {err}); a copy was probably "
+            "cut short (a full disk, an interrupted download): copy or export the model again"
+        ) from err
     missing = sorted(loading["missing_keys"])
     if missing:  # transformers would randomly initialise them and only say so in its load report
         raise ValueError(
@@ -178,6 +185,26 @@ def check_tokenizers(tokenizer, student_path: str | None) -> None:
     if special:
         shown = ", ".join(f"{n}: {t!r} (teacher) vs {s!r} (student)" for n, (t, s) in special.items())
         raise ValueError(f"the student's tokenizer ({folder}) has other special tokens than the teacher's: {shown}")
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence ``model``'s position embeddings cover (None: not bounded by its config)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model: PreTrainedModel, role: str, longest: int, what: str) -> None:
+    """Every sequence a run feeds (``longest`` tokens: ``what`` says whence) fits the model's positions."""
+    limit = max_positions(model)
+    if limit is not None and longest > limit:
+        raise ValueError(
+            f"{what} needs {longest} positions, and the {role} has {limit} (its config's position limit): it would fail "
+            f"at the first step. Set data.max_length (and data.max_new_tokens) so that they fit in {limit}"
+        )
 
 
 def parameter_count(model) -> int:

@@ -57,3 +57,11 @@ def test_an_unknown_key_says_how_to_add_one():
 def test_out_of_range_parameters_stop_before_models(tiny_cfg, no_models, overrides, message):
     with pytest.raises((InstantiationException, ValueError, MissingMandatoryValue), match=message):
         run(tiny_cfg(*overrides))
+
+
+def test_sequences_longer_than_the_models_positions_stop_before_any_training(tiny_cfg, monkeypatch):
+    monkeypatch.setattr("kdlab.warm_start.load_or_train", lambda *a, **k: pytest.fail("a model trained before the refusal"))
+    monkeypatch.setattr("kdlab.build.load_or_train", lambda *a, **k: pytest.fail("a model trained before the refusal"))
+    cfg = tiny_cfg("model.teacher.config.max_position_embeddings=8")
+    with pytest.raises(ValueError, match=r"needs \d+ positions, and the teacher has 8 \(its config's position limit\).*data.max_length"):
+        run(cfg)

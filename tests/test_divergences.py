@@ -119,6 +119,22 @@ def test_teacher_minus_inf_logits_are_safe():
         assert torch.isfinite(fn(student, teacher)).all()
 
 
+@pytest.mark.parametrize("fn", [D.forward_kl, D.reverse_kl, D.generalized_jsd, D.skew_forward_kl, D.total_variation,
+                                D.skew_reverse_kl, lambda s, t, y: D.skew_reverse_kl(s, t, y, alpha=0.0)])
+def test_a_minus_inf_teacher_logit_at_a_masked_position_leaks_no_nan_gradient(fn, logits):
+    """rkl (and srkl at α = 0) read log p where q > 0: an −inf at a masked row gave 0 · ∞ = NaN in backward."""
+    student, teacher, labels = logits
+    student = student.clone().requires_grad_(True)
+    teacher = teacher.clone()
+    teacher[0, 2, 0] = float("-inf")  # position (0, 2) is masked
+    values = fn(student, teacher, labels)
+    masked_mean(values, labels != IGNORE_INDEX).backward()
+    assert torch.isfinite(values).all() and torch.isfinite(student.grad).all()
+    assert (student.grad[0, 2] == 0).all() and (student.grad[1, 1] == 0).all()  # masked rows get no gradient
+    unmasked = fn(student.detach(), logits[1], labels)  # the valid positions' values are those of the untouched teacher
+    torch.testing.assert_close(values.detach(), unmasked)
+
+
 @pytest.mark.parametrize("name", PURE)
 def test_gradcheck(name, logits):
     student, teacher, labels = logits

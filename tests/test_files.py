@@ -189,6 +189,13 @@ def test_broken_json_line_is_named(tmp_path, gpt2):
         FilesDataModule(gpt2, train=str(path))
 
 
+def test_invalid_utf8_is_named_with_its_line(tmp_path, gpt2):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"):
+        FilesDataModule(gpt2, train=str(path))
+
+
 def test_missing_field_names_the_fields_found(tmp_path, gpt2):
     path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "answer": "d"}])
     with pytest.raises(ValueError, match=r"f.jsonl, line 2: field 'response' is missing.*fields found: \['answer', 'prompt'\]"):

@@ -109,3 +109,16 @@ def test_weights_that_do_not_cover_the_config_are_refused(source, tmp_path):
     with pytest.raises(ValueError, match=r"do not cover its config.json: 9 tensors are missing \(first: \['model.layers.5"):
         from_pretrained(str(tmp_path / "m"), role="teacher")
     assert from_pretrained(str(folder)).config.num_hidden_layers == 5  # a complete folder loads
+
+
+def test_a_truncated_weight_file_is_named_with_its_folder(source, tmp_path):
+    import shutil
+
+    from kdlab.models import from_pretrained
+
+    folder, _ = source
+    shutil.copytree(folder, tmp_path / "m")
+    (weights,) = (tmp_path / "m").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=r"student '.*m': its weight files cannot be read \(SafetensorError.*cut short"):
+        from_pretrained(str(tmp_path / "m"), role="student")

@@ -134,6 +134,16 @@ class KDDataModule(L.LightningDataModule):
                 f"Set data.max_length={len(longest.input_ids)} or more."
             )
 
+    def longest_sequence(self) -> tuple[int, str]:
+        """The most positions a run feeds a model: the longest record, or a prompt plus the generation budget."""
+        records = [r for split in self.records.values() for r in split]
+        longest = max(records, key=lambda r: len(r.input_ids))
+        prompted = max((r for r in records if r.prompt_len), key=lambda r: r.prompt_len, default=None)
+        generated = prompted.prompt_len + self.max_new_tokens if prompted is not None else 0
+        if generated > len(longest.input_ids):
+            return generated, f"generation (a {prompted.prompt_len}-token prompt of domain {prompted.domain!r} + data.max_new_tokens={self.max_new_tokens})"
+        return len(longest.input_ids), f"a record of domain {longest.domain!r} (data.max_length={self.max_length})"
+
     # -- batches ------------------------------------------------------------------------------
     def collate(self, items: list[dict]) -> dict:
         records: list[Record] = [e["record"] for e in items]

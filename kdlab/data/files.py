@@ -38,12 +38,13 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdlab.data.datamodule import KDDataModule
-from kdlab.data.records import Record, json_lines
+from kdlab.data.records import Record, json_lines, utf8_lines
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: checked for UTF-8 line by line first
 ROLES = ("system", "user", "assistant", "tool")
 RECIPE_VERSION = 2  # bump when the encoding below changes: cached tokenisations are then rebuilt
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
@@ -105,6 +106,9 @@ def read(source: Source):
     else:
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty; remove it from the data config or add records")
+        if path.suffix in TEXT_FORMATS:  # the reader would pass bad bytes on to tokenisation, which names no line
+            for _ in utf8_lines(path, str(path)):
+                pass
         try:
             table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # find the broken line ourselves: pyarrow's message does not name it

@@ -58,18 +58,30 @@ def prompt_answer_record(domain: str, prompt_ids: list[int], answer_ids: list[in
     )
 
 
+def utf8_lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line; bytes that are not UTF-8 are an error naming the line."""
+    with Path(path).open("rb") as f:  # decoded line by line, so that bad bytes are reported with their line
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where}, line {n}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                    "save the file as UTF-8"
+                ) from None
+
+
 def json_lines(path: Path, what: str = "") -> Iterator[tuple[int, dict]]:
     """(line number, record) of each non-blank line of a JSONL file; a line that is not a JSON object
     is an error naming the file (after ``what``, e.g. "prompts") and the line."""
     where = f"{what} {path}" if what else str(path)
-    with Path(path).open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}, line {n}: a record must be a JSON object, got {type(record).__name__}")
-            yield n, record
+    for n, line in utf8_lines(path, where):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}, line {n}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}, line {n}: a record must be a JSON object, got {type(record).__name__}")
+        yield n, record

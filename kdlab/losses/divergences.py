@@ -52,9 +52,15 @@ def _upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels is not None and not bool((labels != IGNORE_INDEX).all()):
+        # masked rows never reach a softmax: a −inf logit there (a masked vocabulary entry) would turn
+        # 0 · ∞ into a NaN gradient, although _valid selects the row's value out
+        keep = (labels != IGNORE_INDEX).unsqueeze(-1)
+        student_logits = torch.where(keep, student_logits, torch.zeros((), dtype=student_logits.dtype, device=student_logits.device))
+        teacher_logits = torch.where(keep, teacher_logits, torch.zeros((), dtype=teacher_logits.dtype, device=teacher_logits.device))
     log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
     return log_q, log_p
@@ -70,13 +76,13 @@ def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
 
 def forward_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
     """``fkl``: KL(p‖q) = Σ_v p log(p/q) — Hinton et al. 2015 KD (docs/methods.md §1)."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     return _valid(_kl(log_p, log_q), labels)
 
 
 def reverse_kl(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
     """``rkl``: KL(q‖p) = Σ_v q log(q/p) (docs/methods.md §1)."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     return _valid(_kl(log_q, log_p), labels)
 
 
@@ -90,7 +96,7 @@ def generalized_jsd(student_logits, teacher_logits, labels=None, *, temperature:
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     if beta == 0.0:
         values = _kl(log_p, log_q)
     elif beta == 1.0:
@@ -105,7 +111,7 @@ def skew_forward_kl(student_logits, teacher_logits, labels=None, *, temperature:
     """``skl``: KL(p ‖ αp + (1−α)q) — DistiLLM (Ko et al. 2024, skew KL, Eq. 4); α = 0 is forward KL."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skl alpha must be in [0, 1), got {alpha}")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     return _valid(_kl(log_p, _log_mix(log_p, log_q, alpha)), labels)
 
 
@@ -113,13 +119,13 @@ def skew_reverse_kl(student_logits, teacher_logits, labels=None, *, temperature:
     """``srkl``: KL(q ‖ αq + (1−α)p) — DistiLLM (Ko et al. 2024, skew reverse KL); α = 0 is reverse KL."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"srkl alpha must be in [0, 1), got {alpha}")
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     return _valid(_kl(log_q, _log_mix(log_q, log_p, alpha)), labels)
 
 
 def total_variation(student_logits, teacher_logits, labels=None, *, temperature: float = 1.0) -> Tensor:
     """``tvd``: ½ Σ_v abs(p − q) (docs/methods.md §1)."""
-    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, temperature, labels)
     return _valid(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), labels)
 
 
