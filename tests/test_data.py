@@ -20,8 +20,8 @@ def encoded(splits, tokenizer):
 
 
 def test_labels_are_the_answer_aligned_with_logits(tokenizer):
-    ex = Example("copy", "copy a b =", "a b")
-    dm = KDDataModule(encoded({"train": [ex], "val": [ex], "test": [ex]}, tokenizer), tokenizer, batch_size=1)
+    ex, held_out = Example("copy", "copy a b =", "a b"), Example("copy", "copy b =", "b")
+    dm = KDDataModule(encoded({"train": [ex], "val": [held_out], "test": [held_out]}, tokenizer), tokenizer, batch_size=1)
     batch = dm.collate(dm._dataset("train"))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
@@ -34,7 +34,8 @@ def test_labels_are_the_answer_aligned_with_logits(tokenizer):
 
 def test_prompts_are_left_padded_for_generation(tokenizer):
     short, long = Example("copy", "copy a =", "a"), Example("copy", "copy a b c =", "a b c")
-    dm = KDDataModule(encoded({"train": [short, long], "val": [short], "test": [short]}, tokenizer), tokenizer)
+    held_out = Example("copy", "copy b =", "b")
+    dm = KDDataModule(encoded({"train": [short, long], "val": [held_out], "test": [held_out]}, tokenizer), tokenizer)
     batch = dm.collate(dm._dataset("train"))
     pad = tokenizer.pad_token_id
     assert batch["prompt_ids"][0, :2].tolist() == [pad, pad] and batch["prompt_mask"][0].tolist() == [0, 0, 1, 1, 1, 1]

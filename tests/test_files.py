@@ -147,8 +147,14 @@ def test_held_out_splits_are_per_domain_deterministic_and_disjoint(tmp_path, gpt
     assert answers(dm, "val") == answers(again, "val") and answers(dm, "val") != answers(other, "val")
     seen = [a for split in ("train", "val", "test") for a in answers(dm, split)]
     assert len(seen) == len(set(seen)) == 80
-    explicit = FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "v.jsonl", rows[:2]))
+    fresh = [{"prompt": f"Q{i}:", "response": f" {i}", "domain": "ab"[i % 2]} for i in range(100, 102)]
+    explicit = FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "v.jsonl", fresh))
     assert len(explicit.records["val"]) == 2 and len(explicit.records["test"]) == 4
+    with pytest.raises(ValueError, match=r"every data.val record of domain\(s\) \['a', 'b'\] is also a training record"):
+        FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "copies.jsonl", rows[:2]))
+    only_val = [*fresh, {"prompt": "Q9:", "response": " 9", "domain": "c"}]
+    with pytest.raises(ValueError, match=r"domain\(s\) \['c'\] have val data but no training data: they would count in val/loss"):
+        FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "extra.jsonl", only_val))
 
 
 def test_too_long_records_lose_their_prompt_from_the_left_or_are_dropped_and_counted(tmp_path, gpt2, caplog):
@@ -194,6 +200,29 @@ def test_invalid_utf8_is_named_with_its_line(tmp_path, gpt2):
     path.write_bytes('{"text": "fine"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not valid UTF-8 \(byte 0xe9 at byte 14 of the line\)"):
         FilesDataModule(gpt2, train=str(path))
+
+
+@pytest.mark.parametrize(
+    "domains, message",
+    [
+        ([{"name": "math"}, "a"], r"bad.jsonl, line 1: a domain must be a string, got dict"),
+        (["a/b", "a"], r"bad.jsonl, line 1: domain 'a/b' is not a usable name: it must be non-empty and contain no '/'"),
+        (["", "a"], r"bad.jsonl, line 1: domain '' is not a usable name"),
+    ],
+)
+def test_unusable_domain_values_are_named_with_their_line(tmp_path, gpt2, domains, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i}", "domain": d}) + "\n" for i, d in enumerate(domains * 4)))
+    with pytest.raises(ValueError, match=message):
+        FilesDataModule(gpt2, train=str(path))
+
+
+def test_integer_and_string_domains_name_one_domain_and_an_empty_key_is_refused(tmp_path, gpt2):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": f"record {i}", "domain": [1, "1", "b"][i % 3]}) + "\n" for i in range(30)))
+    assert FilesDataModule(gpt2, train=str(path), holdout_fraction=0.2).domains == ["1", "b"]
+    with pytest.raises(ValueError, match=r"data.train: domain '' is not a usable name"):
+        FilesDataModule(gpt2, train={"": str(path)})
 
 
 def test_missing_field_names_the_fields_found(tmp_path, gpt2):

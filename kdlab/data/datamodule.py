@@ -9,6 +9,8 @@ and your files (:class:`kdlab.data.files.FilesDataModule`) tokenise their own re
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
@@ -20,6 +22,7 @@ from kdlab.data.sampler import DomainMixtureSampler, MixtureBatchSampler
 from kdlab.losses.base import IGNORE_INDEX
 
 Checker = Callable[[Record, str], bool]
+log = logging.getLogger(__name__)
 
 
 class ExactMatch:
@@ -82,6 +85,13 @@ class KDDataModule(L.LightningDataModule):
                     f"domain(s) {without} have training data but no {split} data; every domain needs "
                     f"{split} examples (to measure it and, under DDK, to weight it)"
                 )
+            untrained = sorted({r.domain for r in self.records[split]} - set(self.domains))
+            if untrained:
+                raise ValueError(
+                    f"domain(s) {untrained} have {split} data but no training data: they would count in {split}/loss (the "
+                    f"checkpoint monitor) without a per-domain metric; remove them from data.{split} or add training records"
+                )
+        self._check_held_out_is_not_training_data()
         self._check_lengths()
         responses = [r.response_len for split in self.records.values() for r in split]
         if max_new_tokens is not None and max_new_tokens < 1:
@@ -124,6 +134,23 @@ class KDDataModule(L.LightningDataModule):
         if unknown:
             raise ValueError(f"data.mixing names unknown domain(s) {unknown}; the domains are {self.domains}")
         return {d: float(mixing.get(d, 0.0)) for d in self.domains}
+
+    def _check_held_out_is_not_training_data(self) -> None:
+        """Validation and test records that are copies of training records measure memorisation: a domain
+        whose held-out records are all copies is refused, a few copies (duplicates in a dataset) are said."""
+        seen = {r.input_ids for r in self.records["train"]}
+        for split in ("val", "test"):
+            copies = Counter(r.domain for r in self.records[split] if r.input_ids in seen)
+            if not copies:
+                continue
+            sizes = Counter(r.domain for r in self.records[split])
+            whole = sorted(d for d, n in copies.items() if n == sizes[d])
+            if whole:
+                raise ValueError(
+                    f"every data.{split} record of domain(s) {whole} is also a training record: {split} metrics would "
+                    f"measure memorisation. Give held-out records, or leave data.{split} unset to hold them out of data.train"
+                )
+            log.warning("%d data.%s record(s) are copies of training records (%s)", sum(copies.values()), split, dict(sorted(copies.items())))
 
     def _check_lengths(self) -> None:
         longest = max((r for split in self.records.values() for r in split), key=lambda r: len(r.input_ids))

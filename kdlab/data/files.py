@@ -46,7 +46,7 @@ FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: checked for UTF-8 line by line first
 ROLES = ("system", "user", "assistant", "tool")
-RECIPE_VERSION = 2  # bump when the encoding below changes: cached tokenisations are then rebuilt
+RECIPE_VERSION = 3  # bump when the encoding below changes: cached tokenisations are then rebuilt
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
 
 
@@ -62,6 +62,20 @@ class Source:
         return f"{self.path}, line {row + 1}" if self.path.suffix == ".jsonl" else f"{self.path}, row {row}"
 
 
+def domain_name(value, where: str) -> str:
+    """A domain as kdlab names it in metrics (``val/<domain>/ppl``): a non-empty string without ``/``
+    (an integer is written as one, so that a column mixing 1 and "1" gives one domain)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{where}: a domain must be a string, got {type(value).__name__} {str(value)[:60]!r}")
+    name = str(value)
+    if not name.strip() or "/" in name:
+        raise ValueError(
+            f"{where}: domain {name!r} is not a usable name: it must be non-empty and contain no '/' (it names the "
+            "per-domain metrics, e.g. val/<domain>/ppl); rename it"
+        )
+    return name
+
+
 def resolve(spec, name: str) -> list[Source]:
     """``spec``: a path, a glob, a list of them, or a mapping ``domain -> path(s)``."""
     if spec is None:
@@ -69,7 +83,7 @@ def resolve(spec, name: str) -> list[Source]:
     if isinstance(spec, (DictConfig, ListConfig)):
         spec = OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, Mapping):
-        return [s for domain, paths in spec.items() for s in _expand(paths, name, str(domain))]
+        return [s for domain, paths in spec.items() for s in _expand(paths, name, domain_name(domain, f"data.{name}"))]
     return _expand(spec, name, None)
 
 
@@ -149,13 +163,15 @@ class Encoder:
         self.use_template = fmt == "messages" or (fmt == "prompt_response" and _wants_template(tokenizer, encoding))
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        out = {k: [] for k in ("input_ids", "targets", "prompt_len", "prompt", "answer", "domain", "status", "end_token")}
+        # "record_domain", not "domain": datasets would give it the input column's feature (e.g. Json, which reads "1" as 1)
+        out = {k: [] for k in ("input_ids", "targets", "prompt_len", "prompt", "answer", "record_domain", "status", "end_token")}
         for n, row in enumerate(indices):
             record = {k: v[n] for k, v in batch.items()}
             ids, targets, prompt_len, prompt, answer, end_token = self.encode(record, row)
             ids, targets, prompt_len, status = self.truncate(ids, targets, prompt_len)
-            domain = self.source.domain or record.get(self.enc.domain_field) or self.enc.default_domain
-            for key, value in zip(out, (ids, targets, prompt_len, prompt, answer, str(domain), status, end_token)):
+            domain = self.source.domain if self.source.domain is not None else record.get(self.enc.domain_field)
+            domain = self.enc.default_domain if domain is None else domain_name(domain, self.source.where(row))
+            for key, value in zip(out, (ids, targets, prompt_len, prompt, answer, domain, status, end_token)):
                 out[key].append(value)
         return out
 
@@ -330,7 +346,7 @@ def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str
         columns = encoded.to_dict()  # column-wise: much faster than iterating rows
         counts.update(columns["status"])
         end_tokens.update(t for t in columns["end_token"] if t >= 0)
-        fields = ("input_ids", "targets", "prompt_len", "domain", "prompt", "answer")
+        fields = ("input_ids", "targets", "prompt_len", "record_domain", "prompt", "answer")
         for ids, targets, prompt_len, domain, prompt, answer, status in zip(*(columns[f] for f in fields), columns["status"]):
             if status != "dropped":
                 records.append(Record(tuple(ids), tuple(targets), prompt_len, domain, prompt, answer))
@@ -408,6 +424,7 @@ def read_splits(
     if max_length < 2:
         raise ValueError(f"data.max_length must be >= 2, got {max_length}")
     fields = OmegaConf.to_container(fields) if isinstance(fields, DictConfig) else fields
+    default_domain = domain_name(default_domain, "data.default_domain")
     encoding = Encoding(max_length, format, fields, chat_template, domain_field, default_domain)
     # every path is checked before any file is tokenised
     sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
