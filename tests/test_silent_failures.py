@@ -332,8 +332,9 @@ def test_val_check_interval_counts_optimiser_steps_under_accumulation(tiny_cfg, 
 
 
 def test_sigterm_during_the_final_evaluation_fails_the_run_and_exports_nothing(tiny_cfg, monkeypatch, tmp_path):
-    import kdlab.train as train
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import kdlab.train as train
 
     def interrupted(*args, **kwargs):
         raise SIGTERMException()
@@ -346,8 +347,9 @@ def test_sigterm_during_the_final_evaluation_fails_the_run_and_exports_nothing(t
 
 
 def test_a_full_disk_during_the_export_leaves_no_metrics_json(tiny_cfg, monkeypatch):
-    import kdlab.train as train
     from transformers import PreTrainedModel
+
+    import kdlab.train as train
 
     original = PreTrainedModel.save_pretrained
 
