@@ -38,6 +38,7 @@ def test_an_unknown_key_says_how_to_add_one():
         (["loss=skl", "loss.divergence.alpha=1.5"], r"skl alpha must be in \[0, 1\)"),
         (["loss=fkl", "loss.temperature=-1"], r"loss.temperature must be > 0"),
         (["loss=rlkd", "loss.k=0"], r"loss.k must be >= 1"),
+        (["loss=rlkd", "loss.k=200000"], r"loss.k=200000: each position ranks up to 2k values.*Set loss.k <= 256"),
         (["loss=minillm", "loss.rollout.teacher_mix=2"], r"invalid rollout setting\(s\) teacher_mix=2"),
         (["loss=fkl", "+loss.k=3"], r"unexpected keyword argument 'k'"),
         (["data.batch_size=0"], r"data.batch_size and data.eval_batch_size must be >= 1"),

@@ -288,3 +288,24 @@ def test_built_by_hydra_and_errors():
         RankingKD(base=None, authors_combination=True)
     with pytest.raises(ValueError, match="teacher logits"):
         RankingKD()(KDBatch(student_logits=s, teacher_logits=None, labels=torch.zeros(3, 4, dtype=torch.long)))
+
+
+def test_a_minus_inf_teacher_logit_among_the_ranked_tokens_ranks_last(rank_logits=True):
+    """rank_logits=true: a −inf teacher logit in S (the student's top-k holds a masked id) once gave
+    ρ = 0 and a NaN gradient; it ranks last, as its probability 0 does with rank_logits=false."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(1, 2, 12, generator=g, dtype=torch.float64)
+    teacher = torch.randn(1, 2, 12, generator=g, dtype=torch.float64)
+    top = student.topk(3, dim=-1).indices
+    teacher[0, 0, top[0, 0, 0]] = float("-inf")  # the student's favourite is masked in the teacher
+    student.requires_grad_(True)
+    per_token = ranking_loss_per_token(student, teacher, torch.tensor([[1, 2]]), k=3, rank_logits=True)
+    per_token.sum().backward()
+    assert torch.isfinite(per_token).all() and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    # the masked id ranks as a finite logit 1 below the lowest other one in S (the teacher's and the student's top-3)
+    s_ids = torch.cat([teacher[0, 0].topk(3).indices, top[0, 0]])
+    finite = teacher[0, 0, s_ids][torch.isfinite(teacher[0, 0, s_ids])]
+    low = teacher.clone()
+    low[0, 0, top[0, 0, 0]] = finite.min() - 1.0
+    expected = ranking_loss_per_token(student.detach(), low, torch.tensor([[1, 2]]), k=3, rank_logits=True)
+    torch.testing.assert_close(per_token.detach(), expected)

@@ -33,6 +33,9 @@ from kdlab.losses.softrank import soft_rank
 from kdlab.losses.sparse import SparseTeacher, teacher_values_at
 
 # ‖centred soft ranks‖ (rank units, float64) at or below this counts as "all values equal": ρ := 0.
+# loss.k's ceiling: the soft rank's exact pooling is quadratic in the 2k ranked values, 2 MiB per
+# position at k = 256 (the papers use 5 and 15); k at or above the vocabulary is clamped to it.
+MAX_K = 256
 # Float64 rounding leaves ~1e-14 on a truly constant row; genuine spreads are far above 1e-12.
 _DEGENERATE_NORM = 1e-12
 
@@ -98,6 +101,12 @@ def _values_at_union(
     def values_at_s(logits: Tensor) -> Tensor:
         gathered = logits.gather(-1, index).double()
         if rank_logits:
+            # a −inf logit (a masked vocabulary entry) ranks last: placed 1 below the row's lowest finite
+            # value, since a soft rank of −inf is NaN (its probability, 0, needs no such care)
+            finite = torch.isfinite(gathered)
+            if not bool(finite.all()):
+                lowest = torch.where(finite, gathered, torch.full_like(gathered, float("inf"))).amin(-1, keepdim=True)
+                gathered = torch.where(finite, gathered, lowest - 1.0)
             return gathered
         # p = exp(z − logsumexp z), only at S: no full-vocabulary softmax is materialised
         # (float32 at least, float64 logits keep float64, as in the §1 divergences)
@@ -239,6 +248,12 @@ class RankingKD(RowwiseLoss):
         self.rank_weight = rank_weight if rank_weight is not None else (2.0 if base is not None else 1.0)
         if self.k < 1:
             raise ValueError(f"loss.k must be >= 1, got {self.k}")
+        if self.k > MAX_K:
+            raise ValueError(
+                f"loss.k={self.k}: each position ranks up to 2k values, and the soft rank's pooling can need "
+                f"(2k)² float64 per position ({(2 * self.k) ** 2 * 8 / 2**30:.1f} GiB at k={self.k}); RLKD's settings are "
+                f"k=5 (15 alone). Set loss.k <= {MAX_K}"
+            )
         if self.rank_weight < 0:
             raise ValueError(f"loss.rank_weight must be >= 0, got {self.rank_weight}")
         if regularization_strength <= 0:
