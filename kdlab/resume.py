@@ -119,10 +119,14 @@ def save_config(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def logger_kwargs(cfg: DictConfig, out_dir: Path, resuming: bool) -> dict:
-    """A resumed run logs into its W&B run again (same id); the id of a new one is saved by :func:`save_logger_id`."""
+    """A resumed run logs into its W&B run again (same id; the id of a new one is saved by
+    :func:`save_logger_id`), or continues its CSV file (kdlab.csv_logger)."""
     saved = state_dir(out_dir) / "wandb_id"
-    if resuming and "wandb" in str(cfg.logger.get("_target_", "")).lower() and saved.is_file():
+    target = str(cfg.logger.get("_target_", ""))
+    if resuming and "wandb" in target.lower() and saved.is_file():
         return {"id": saved.read_text().strip(), "resume": "allow"}
+    if resuming and target == "kdlab.csv_logger.CSVLogger":
+        return {"resuming": True}
     return {}
 
 

@@ -127,10 +127,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     except SIGTERMException:  # Lightning stops at the next step and exits with code 0: save, say so, and fail
         last = last_checkpoint(out_dir)
-        trainer.save_checkpoint(last)
+        if stopped_mid_validation(trainer):
+            # a checkpoint now would hold a half-done validation that a resumed run never completes (nor
+            # weighs for the best checkpoint): the last one, from the previous validation, is kept
+            kept = f"kept {last} from the previous validation" if last.is_file() else "no checkpoint yet"
+            where = f"during the validation at step {trainer.global_step}; {kept}"
+        else:
+            trainer.save_checkpoint(last)
+            where = f"at step {trainer.global_step} of {trainer.max_steps}; saved {last}"
         raise RunInterrupted(
-            f"interrupted by SIGTERM at step {trainer.global_step} of {trainer.max_steps}; saved {last}: continue with "
-            "resume=auto (same hydra.run.dir); nothing was exported (no metrics.json, no student/)"
+            f"interrupted by SIGTERM {where}: continue with resume=auto (same hydra.run.dir), which ends as the "
+            "uninterrupted run would; nothing was exported (no metrics.json, no student/)"
         ) from None
     try:
         metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
@@ -168,6 +175,13 @@ def export(trainer, student, tokenizer, eos_token_id: int, metrics: dict[str, fl
     partial.write_text(json.dumps(metrics, indent=2))
     partial.replace(out_dir / "metrics.json")
     log.info("metrics: %s; student exported to %s", out_dir / "metrics.json", out_dir / "student")
+
+
+def stopped_mid_validation(trainer) -> bool:
+    """Whether fit stopped inside a validation pass: Lightning raises SIGTERM's exception after any
+    validation batch but the last, and resets the trainer's stage on the way out, not the loop's progress."""
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    return progress.current.ready > 0 and not progress.is_last_batch
 
 
 class RunInterrupted(RuntimeError):

@@ -1,5 +1,6 @@
 """Exact resume: a run killed after its first checkpoint and resumed ends as if it had never stopped."""
 
+import csv
 import json
 import os
 import signal
@@ -25,14 +26,26 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-RUN = [*TINY, "trainer.max_steps=9", "+callbacks.kill._target_=tests.test_resume.KillAt"]
+class TermInValidationAt(L.Callback):
+    """Sends SIGTERM to its own process during the validation at step ``KDLAB_TEST_TERM_AT`` (pre-emption)."""
+
+    def on_validation_batch_start(self, trainer, *args):
+        at = os.environ.get("KDLAB_TEST_TERM_AT")
+        if at and trainer.global_step == int(at) and trainer.state.fn == "fit":
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
-def start(out, cache_dir, overrides, kill_at=None):
+RUN = [*TINY, "trainer.max_steps=9", "+callbacks.kill._target_=tests.test_resume.KillAt", "+callbacks.term._target_=tests.test_resume.TermInValidationAt"]
+
+
+def start(out, cache_dir, overrides, kill_at=None, term_at=None):
     env = {**os.environ, "KDLAB_CACHE": str(cache_dir), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     env.pop("KDLAB_TEST_KILL_AT", None)
+    env.pop("KDLAB_TEST_TERM_AT", None)
     if kill_at is not None:
         env["KDLAB_TEST_KILL_AT"] = str(kill_at)
+    if term_at is not None:
+        env["KDLAB_TEST_TERM_AT"] = str(term_at)
     cmd = [sys.executable, "-m", "kdlab.train", *RUN, *overrides, f"hydra.run.dir={out}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -52,6 +65,26 @@ def test_killed_after_the_first_checkpoint_and_resumed_gives_the_uninterrupted_m
     expected = {k: v for k, v in json.loads((tmp_path / "whole" / "metrics.json").read_text()).items() if k not in timing}
     got = {k: v for k, v in json.loads((tmp_path / "run" / "metrics.json").read_text()).items() if k not in timing}
     assert got.keys() == expected.keys()
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    # logger=csv: the rows logged before the kill are kept, and the test metrics joined the header
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = {int(r["step"]) for r in rows if r.get("train/loss")}
+    assert {0, 1, 2}.issubset(steps) and any(r.get("test/loss") for r in rows)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_validation_then_resume_gives_the_uninterrupted_metrics(tmp_path, cache_dir):
+    whole = start(tmp_path / "whole", cache_dir, ["data/mixing=ddk", "data.eval_batch_size=4"])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = start(tmp_path / "run", cache_dir, ["data/mixing=ddk", "data.eval_batch_size=4"], term_at=6)  # validations of 5 batches at steps 3, 6, 9
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "during the validation at step 6; kept" in stopped.stderr and not (tmp_path / "run" / "metrics.json").exists()
+    resumed = start(tmp_path / "run", cache_dir, ["data/mixing=ddk", "data.eval_batch_size=4", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    timing = ("train/tokens_per_sec", "train/step_time")
+    expected = {k: v for k, v in json.loads((tmp_path / "whole" / "metrics.json").read_text()).items() if k not in timing}
+    got = {k: v for k, v in json.loads((tmp_path / "run" / "metrics.json").read_text()).items() if k not in timing}
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 
