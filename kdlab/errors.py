@@ -17,8 +17,32 @@ from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
 USER_ERROR = 2  # the exit status of a run stopped by a user error (as argparse's usage errors)
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
+class NotEnoughSpace(OSError):
+    """A run folder without room for what the run will write (found before training)."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError, NotEnoughSpace)
 TRACEBACK_HINT = "(for the Python traceback, rerun with KDLAB_TRACEBACK=1)"
+
+
+# options whose Hydra plugin comes with an extra: without it Hydra says only that the group has no such option
+PLUGINS = {
+    "launcher=local": "hydra_plugins.hydra_joblib_launcher",
+    "launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hparams_search=optuna": "hydra_plugins.hydra_optuna_sweeper",
+}
+
+
+def missing_plugin(overrides: list[str]) -> str | None:
+    """The install hint for an option on the command line whose Hydra plugin is not installed, or None."""
+    import importlib.util
+
+    for option, plugin in PLUGINS.items():
+        if option in overrides and importlib.util.find_spec(plugin) is None:
+            return f"{option} needs a Hydra plugin that is not installed ({plugin}): pip install -e '.[cluster]' (or pip install 'kdlab[cluster]')"
+    return None
 
 
 def wants_traceback() -> bool:

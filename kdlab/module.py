@@ -169,8 +169,9 @@ class DistillModule(L.LightningModule):
                 "diverged. Lower module.lr, keep trainer.gradient_clip_val, or try trainer.precision=32-true; "
                 "the last checkpoint is the last good student, and nothing is exported"
             )
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in out.logs.items()})
+        # averaged over ranks: each rank's loss is its share of the step's token sum over the global count
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, sync_dist=True)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

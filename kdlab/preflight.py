@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from kdlab.errors import NotEnoughSpace
+
 
 def check_optimisation(lr: float, weight_decay: float, betas, warmup_steps: int, min_lr_ratio: float, prefix: str = "module") -> None:
     """AdamW and the warmup + cosine schedule (``module.*``, or ``model.<role>_training.*``)."""
@@ -155,6 +157,23 @@ def check_batches(datamodule, batch_size: int, accumulate: int = 1) -> None:
         raise ValueError(
             f"data.batch_size={batch_size}{times} is larger than the training set ({n} records): no training batch can be "
             f"formed. Set data.batch_size={n // accumulate} or less, or add training data."
+        )
+
+
+def check_free_space(out_dir: Path, student, checkpoints: bool) -> None:
+    """Room in the run folder for what the run will write: two checkpoints (best and last: the student
+    with AdamW's two moments, 12 bytes per float32 parameter) and the exported student, before training
+    starts (a checkpoint cut short by a full disk is a file no run can load)."""
+    import shutil
+
+    params = sum(p.numel() * p.element_size() for p in student.parameters())
+    need = params * (2 * 3 if checkpoints else 0) + params
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise NotEnoughSpace(
+            f"the run folder {out_dir} has {free / 2**20:,.0f} MiB free, and this run writes about {need / 2**20:,.0f} MiB "
+            "(checkpoints with the optimiser state, and the exported student): free some space, or set hydra.run.dir "
+            "on another disk"
         )
 
 

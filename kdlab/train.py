@@ -30,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.build import build_model
 from kdlab.callbacks.throughput import Throughput
-from kdlab.errors import TRACEBACK_HINT, USER_ERROR, user_message, wants_traceback
+from kdlab.errors import TRACEBACK_HINT, USER_ERROR, missing_plugin, user_message, wants_traceback
 from kdlab.losses.base import needs_of
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
-from kdlab.preflight import check_batches, check_cache_dir, check_run, check_trained
+from kdlab.preflight import check_batches, check_cache_dir, check_free_space, check_run, check_trained
 from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
 from kdlab.summary import FAILED
 
@@ -107,6 +107,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_causal(model, role, cfg.model[role].get("path", ""))
     vocab_size = distillation_vocab_size(teacher, student, tokenizer)
     log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
+    check_free_space(out_dir, student, checkpoints=cfg.trainer.get("enable_checkpointing", True) is not False)
     logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -122,30 +123,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     module = DistillModule(
         student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, teacher_signals=signals, **cfg.module
     )
-    try:
-        # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
-    except SIGTERMException:  # Lightning stops at the next step and exits with code 0: save, say so, and fail
-        last = last_checkpoint(out_dir)
-        if stopped_mid_validation(trainer):
-            # a checkpoint now would hold a half-done validation that a resumed run never completes (nor
-            # weighs for the best checkpoint): the last one, from the previous validation, is kept
-            kept = f"kept {last} from the previous validation" if last.is_file() else "no checkpoint yet"
-            where = f"during the validation at step {trainer.global_step}; {kept}"
-        else:
-            trainer.save_checkpoint(last)
-            where = f"at step {trainer.global_step} of {trainer.max_steps}; saved {last}"
-        raise RunInterrupted(
-            f"interrupted by SIGTERM {where}: continue with resume=auto (same hydra.run.dir), which ends as the "
-            "uninterrupted run would; nothing was exported (no metrics.json, no student/)"
-        ) from None
+    fit(trainer, module, datamodule, ckpt_path, out_dir)
     try:
         metrics = final_metrics(trainer, module, datamodule, train_only=cfg.get("train_only", False))
     except SIGTERMException:  # Lightning's SystemExit without a code: it would exit 0 with nothing exported
         raise RunInterrupted(
             f"interrupted by SIGTERM during the final evaluation (training finished at step {trainer.global_step}); "
             "nothing was exported (no metrics.json, no student/): continue with resume=auto (same hydra.run.dir), "
-            "which resumes from the last checkpoint, then evaluates and exports"
+            "which resumes from the last checkpoint, then evaluates and exports",
+            128 + signal.SIGTERM,
         ) from None
     export(trainer, student, tokenizer, datamodule.eos_token_id, metrics, out_dir)
     if logger and trainer.is_global_zero:
@@ -177,6 +163,36 @@ def export(trainer, student, tokenizer, eos_token_id: int, metrics: dict[str, fl
     log.info("metrics: %s; student exported to %s", out_dir / "metrics.json", out_dir / "student")
 
 
+def fit(trainer, module, datamodule, ckpt_path: str | None, out_dir: Path) -> None:
+    """``trainer.fit``; stopped by SIGTERM or SIGUSR1 (pre-emption) or by Ctrl-C, it saves where it
+    stopped and raises :class:`RunInterrupted` (Lightning itself would exit 0, or 1 with no checkpoint)."""
+    try:
+        # our own checkpoint (it holds the sampler's and the rollout buffer's state): loaded in full
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        return
+    except SIGTERMException:
+        how, status = "SIGTERM", 128 + signal.SIGTERM
+    except SystemExit as err:  # Lightning's answer to Ctrl-C: its own shutdown, then sys.exit(1)
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl-C from then on
+        how, status = "Ctrl-C", 128 + signal.SIGINT
+    last = last_checkpoint(out_dir)
+    if stopped_mid_validation(trainer):
+        # a checkpoint now would hold a half-done validation that a resumed run never completes (nor
+        # weighs for the best checkpoint): the last one, from the previous validation, is kept
+        kept = f"kept {last} from the previous validation" if last.is_file() else "no checkpoint yet"
+        where = f"during the validation at step {trainer.global_step}; {kept}"
+    else:
+        trainer.save_checkpoint(last)
+        where = f"at step {trainer.global_step} of {trainer.max_steps}; saved {last}"
+    raise RunInterrupted(
+        f"interrupted by {how} {where}: continue with resume=auto (same hydra.run.dir), which ends as the "
+        "uninterrupted run would; nothing was exported (no metrics.json, no student/)",
+        status,
+    )
+
+
 def stopped_mid_validation(trainer) -> bool:
     """Whether fit stopped inside a validation pass: Lightning raises SIGTERM's exception after any
     validation batch but the last, and resets the trainer's stage on the way out, not the loop's progress."""
@@ -185,7 +201,12 @@ def stopped_mid_validation(trainer) -> bool:
 
 
 class RunInterrupted(RuntimeError):
-    """The run was stopped by a signal before it finished (pre-emption, ``kill``, ``scancel``)."""
+    """The run was stopped by a signal before it finished (pre-emption, ``kill``, ``scancel``, Ctrl-C);
+    ``status`` is the exit status a shell reports for that signal (143, 130)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def finished_jobs(sweep_dir: Path) -> list[str]:
@@ -199,12 +220,13 @@ def main(cfg: DictConfig) -> float | None:
     except RunInterrupted as err:
         _finish_wandb(cfg)
         hydra_cfg = HydraConfig.get()
+        message = str(err)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             done = finished_jobs(Path(hydra_cfg.sweep.dir))
-            err = f"{err}. Sweep {hydra_cfg.sweep.dir}: job {hydra_cfg.job.num} interrupted, finished jobs: {done or 'none'}; later jobs did not run"
-        log.error("%s", err)
-        print(f"kdlab: {err}", file=sys.stderr, flush=True)
-        sys.exit(128 + signal.SIGTERM)  # non-zero, as a shell reports a process killed by SIGTERM
+            message += f". Sweep {hydra_cfg.sweep.dir}: job {hydra_cfg.job.num} interrupted, finished jobs: {done or 'none'}; later jobs did not run"
+        log.error("%s", message)
+        print(f"kdlab: {message}", file=sys.stderr, flush=True)
+        sys.exit(err.status)  # non-zero, as a shell reports a process killed by that signal
     except Exception as err:
         message = None if wants_traceback() else user_message(err)
         if message is None:  # a crash: its traceback, into the job's own log (train.log) and stderr
@@ -233,4 +255,7 @@ def _finish_wandb(cfg: DictConfig, exit_code: int = 0) -> None:
 
 
 if __name__ == "__main__":
+    if hint := missing_plugin(sys.argv[1:]):  # before Hydra, whose own message has no install hint
+        print(f"kdlab: {hint}", file=sys.stderr)
+        sys.exit(USER_ERROR)
     main()

@@ -66,3 +66,29 @@ def test_sequences_longer_than_the_models_positions_stop_before_any_training(tin
     cfg = tiny_cfg("model.teacher.config.max_position_embeddings=8")
     with pytest.raises(ValueError, match=r"needs \d+ positions, and the teacher has 8 \(its config's position limit\).*data.max_length"):
         run(cfg)
+
+
+def test_a_cluster_option_without_its_plugin_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from kdlab.errors import missing_plugin
+
+    assert missing_plugin(["launcher=local", "loss=fkl"]) is None  # installed by the test command's [dev] extra
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "joblib" in name else real(name, *a))
+    assert "launcher=local needs a Hydra plugin" in missing_plugin(["-m", "launcher=local"]) and "[cluster]" in missing_plugin(["launcher=local"])
+    assert missing_plugin(["hparams_search=optuna"]) is None
+
+
+def test_a_run_folder_without_room_for_its_checkpoints_stops_before_training(tiny_cfg, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from kdlab.errors import NotEnoughSpace, user_message
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("kdlab.train.DistillModule", lambda *a, **k: pytest.fail("training was set up despite the full disk"))
+    with pytest.raises(NotEnoughSpace, match=r"has 0 MiB free, and this run writes about .* MiB.*hydra.run.dir") as stop:
+        run(tiny_cfg())
+    assert user_message(stop.value) == str(stop.value)  # shown as kdlab's message, exit status 2

@@ -225,6 +225,12 @@ def test_integer_and_string_domains_name_one_domain_and_an_empty_key_is_refused(
         FilesDataModule(gpt2, train={"": str(path)})
 
 
+def test_an_empty_prompt_without_a_bos_token_is_named(tmp_path, gpt2):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q:", "response": " a"}, {"prompt": "", "response": " b"}])
+    with pytest.raises(ValueError, match=r"d.jsonl, line 2: the prompt is empty and the tokenizer adds no BOS token"):
+        FilesDataModule(gpt2, train=path, format="prompt_response", chat_template=False)
+
+
 def test_missing_field_names_the_fields_found(tmp_path, gpt2):
     path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "answer": "d"}])
     with pytest.raises(ValueError, match=r"f.jsonl, line 2: field 'response' is missing.*fields found: \['answer', 'prompt'\]"):

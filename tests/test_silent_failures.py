@@ -363,3 +363,20 @@ def test_a_full_disk_during_the_export_leaves_no_metrics_json(tiny_cfg, monkeypa
     with pytest.raises(OSError, match="No space left"):
         train.run(cfg)
     assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()  # a sweep's summary lists the job as failed
+
+
+def test_ctrl_c_saves_where_it_stopped_and_says_how_to_continue(tiny_cfg, monkeypatch):
+    import kdlab.train as train
+
+    original = DistillModule.training_step
+
+    def pressed_at_step_2(self, batch, batch_idx):
+        if self.global_step == 2:
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillModule, "training_step", pressed_at_step_2)
+    cfg = tiny_cfg("trainer.max_steps=6", "trainer.val_check_interval=6")
+    with pytest.raises(train.RunInterrupted, match=r"interrupted by Ctrl-C at step 2 of 6; saved .*last.ckpt: continue with resume=auto") as stop:
+        train.run(cfg)
+    assert stop.value.status == 130 and (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()

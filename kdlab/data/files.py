@@ -185,6 +185,11 @@ class Encoder:
             if self.use_template:
                 return self._chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], row)
             prompt_ids = self.bos + self.tok(prompt, add_special_tokens=False)["input_ids"]
+            if not prompt_ids:  # no prompt and no BOS: nothing to condition on, and it would pass for plain text
+                raise ValueError(
+                    f"{self.source.where(row)}: the prompt is empty and the tokenizer adds no BOS token, so the record has "
+                    "no prompt to answer; give it a prompt, or put the response in a text record (data.format=text)"
+                )
             answer_ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
             ids = prompt_ids + answer_ids
             return ids, [False] * len(prompt_ids) + [True] * len(answer_ids), len(prompt_ids), prompt, response, -1
