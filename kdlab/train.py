@@ -51,8 +51,6 @@ def final_metrics(trainer, module, datamodule, train_only: bool) -> dict[str, fl
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and k not in metrics})
         return dict(sorted(metrics.items()))
     best = (trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "") or None
-    if best and not Path(best).is_file():  # recorded before the run folder was moved (resume=auto): the same file here
-        best = str(Path(trainer.checkpoint_callback.dirpath) / Path(best).name)
     for evaluate in (trainer.validate, trainer.test):
         evaluate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "test/"))})

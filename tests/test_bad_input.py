@@ -41,6 +41,7 @@ def test_an_unknown_key_says_how_to_add_one():
         (["loss=rlkd", "loss.k=200000"], r"loss.k=200000: each position ranks up to 2k values.*Set loss.k <= 256"),
         (["loss=minillm", "loss.rollout.teacher_mix=2"], r"invalid rollout setting\(s\) teacher_mix=2"),
         (["loss=fkl", "+loss.k=3"], r"unexpected keyword argument 'k'"),
+        (["loss=minillm", "+loss.fused_head=true"], r"unexpected keyword argument 'fused_head'"),
         (["data.batch_size=0"], r"data.batch_size and data.eval_batch_size must be >= 1"),
         (["eval.temperature=0"], r"eval.temperature must be > 0"),
         (["data.splits.n_train=0"], r"the training split is empty"),
@@ -92,3 +93,11 @@ def test_a_run_folder_without_room_for_its_checkpoints_stops_before_training(tin
     with pytest.raises(NotEnoughSpace, match=r"has 0 MiB free, and this run writes about .* MiB.*hydra.run.dir") as stop:
         run(tiny_cfg())
     assert user_message(stop.value) == str(stop.value)  # shown as kdlab's message, exit status 2
+
+
+def test_an_unknown_setting_of_a_loss_is_named_as_a_setting(tiny_cfg, no_models):
+    from kdlab.errors import user_message
+
+    with pytest.raises(InstantiationException) as stop:
+        run(tiny_cfg("loss=minillm", "+loss.fused_head=true"))
+    assert user_message(stop.value) == "loss.fused_head is not a setting of MiniLLM (loss); remove it or check its spelling"

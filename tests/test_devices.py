@@ -80,3 +80,12 @@ def test_two_process_ddp_reaches_the_metrics_of_one_process_with_the_same_global
     keys = [k for k in single if k.startswith("test/") and "teacher" not in k]
     assert len(keys) > 20
     assert {k: ddp[k] for k in keys} == pytest.approx({k: single[k] for k in keys}, rel=1e-4, abs=1e-5)
+
+    # the logged training loss is the step's, averaged over the ranks (not rank 0's share)
+    def train_losses(run_dir):
+        with open(Path(run_dir) / "csv" / "metrics.csv") as f:
+            return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+    single_losses, ddp_losses = train_losses(tiny_cfg().paths.output_dir), train_losses(out)
+    assert single_losses and ddp_losses.keys() == single_losses.keys()
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-5)

@@ -47,7 +47,7 @@ def test_the_real_teacher_answers_through_its_chat_template(tmp_path, cache_dir)
 
 
 def test_a_few_steps_distil_a_pruned_student_that_answers_through_the_template(tmp_path, cache_dir):
-    cfg = compose_real(tmp_path / "run", cache_dir, ["trainer.max_steps=2", "trainer.val_check_interval=2",
+    cfg = compose_real(tmp_path / "run", cache_dir, ["trainer.max_steps=2", "module.warmup_steps=1", "trainer.val_check_interval=2",
                                                      "data.corpus.records_per_domain=16", "data.corpus.val_records=2",
                                                      "data.corpus.test_records=2", "data.max_length=32"])
     metrics = run(cfg)

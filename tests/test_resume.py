@@ -137,3 +137,21 @@ def test_a_moved_run_folder_resumes(tiny_cfg, tmp_path):
     again = tiny_cfg("trainer.max_steps=3", "resume=auto")
     again.paths.output_dir = str(tmp_path / "moved")
     assert run(again)  # the checkpoint folder and the trainer's root moved with it: no config difference
+
+
+def test_the_best_checkpoint_record_moves_with_the_run_folder(tmp_path, recwarn):
+    import torch
+
+    from kdlab.callbacks.checkpoint import RunCheckpoint
+
+    old, new = tmp_path / "run" / "checkpoints", tmp_path / "moved" / "checkpoints"
+    callback = RunCheckpoint(dirpath=str(new), filename="best", monitor="val/loss", save_last=True)
+    callback.load_state_dict({
+        "dirpath": str(old), "best_model_score": torch.tensor(1.25), "best_model_path": str(old / "best.ckpt"),
+        "kth_best_model_path": str(old / "best.ckpt"), "kth_value": torch.tensor(1.25),
+        "best_k_models": {str(old / "best.ckpt"): torch.tensor(1.25)}, "last_model_path": str(old / "last.ckpt"),
+    })
+    assert callback.best_model_score == 1.25  # Lightning alone would forget it: the next validation would be "best"
+    assert callback.best_model_path == str(new / "best.ckpt") and callback.last_model_path == str(new / "last.ckpt")
+    assert list(callback.best_k_models) == [str(new / "best.ckpt")]
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]

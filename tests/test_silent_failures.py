@@ -380,3 +380,16 @@ def test_ctrl_c_saves_where_it_stopped_and_says_how_to_continue(tiny_cfg, monkey
     with pytest.raises(train.RunInterrupted, match=r"interrupted by Ctrl-C at step 2 of 6; saved .*last.ckpt: continue with resume=auto") as stop:
         train.run(cfg)
     assert stop.value.status == 130 and (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_job_that_failed_after_its_metrics_is_listed_as_failed(tmp_path):
+    from kdlab.summary import FAILED, collect
+
+    for job, files in {"0": {"metrics.json": '{"test/loss": 1.0}'}, "1": {"metrics.json": '{"test/loss": 2.0}', FAILED: "OSError: No space left"}}.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        for name, text in files.items():
+            (tmp_path / job / name).write_text(text)
+    rows = {r["job"]: r for r in collect(tmp_path)}
+    assert rows["0"]["test/loss"] == 1.0 and "status" not in rows["0"]
+    assert rows["1"]["status"] == "failed: OSError: No space left" and "test/loss" not in rows["1"]
