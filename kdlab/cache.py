@@ -51,9 +51,9 @@ def file_sha256(path: Path) -> str:
 
 
 def checksums(folder: Path, patterns: Iterable[str]) -> dict[str, str]:
-    """SHA-256 of every file in ``folder`` matching one of ``patterns``, by file name."""
+    """SHA-256 of every file in ``folder`` matching one of ``patterns`` (e.g. ``*/*.jsonl``), by its path in ``folder``."""
     files = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file() and p.name != MANIFEST})
-    return {p.name: file_sha256(p) for p in files}
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in files}
 
 
 def load(path: Path, expected: dict, patterns: Iterable[str], what: str) -> dict | None:
@@ -87,20 +87,25 @@ def load(path: Path, expected: dict, patterns: Iterable[str], what: str) -> dict
     return recorded
 
 
-def write(path: Path, fill: Callable[[Path], None], settings: dict, patterns: Iterable[str]) -> Path:
-    """Write an entry atomically: ``fill(tmp)`` writes the payload into a temporary folder, the
-    manifest (``settings`` + checksums of the ``patterns`` files) is written last, then the folder is
-    renamed to ``path``. If another process wrote ``path`` meanwhile, theirs is kept."""
+def write(path: Path, fill: Callable[[Path], dict | None], settings: dict, patterns: Iterable[str], replace: bool = False) -> Path:
+    """Write an entry atomically: ``fill(tmp)`` writes the payload into a temporary folder (and may
+    return facts for the manifest, e.g. counts), the manifest (``settings``, those facts, checksums of
+    the ``patterns`` files) is written last, then the folder is renamed to ``path``. If ``path``
+    exists (another process wrote it meanwhile), theirs is kept, unless ``replace`` (a rebuild asked for)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        fill(tmp)
-        manifest = {**settings, "checksums": checksums(tmp, patterns)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        facts = fill(tmp) or {}
+        manifest = {**settings, **facts, "checksums": checksums(tmp, patterns)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk, Ctrl-C) leaves nothing behind
         raise
+    if path.exists() and replace:  # moved aside first: a rename cannot replace a non-empty folder
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         shutil.rmtree(tmp)
     else:

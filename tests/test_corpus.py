@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from kdlab.data import corpus
+from kdlab.cache import MANIFEST
 from kdlab.data.corpus import DOMAINS, SPLITS, CorpusDataModule, build_corpus, code_chunks, ensure_corpus, prose_chunks
 from tests.conftest import CONF_DIR
 
@@ -27,7 +28,7 @@ def built(tmp_path_factory):
 
 
 def manifest(root: Path) -> dict:
-    return json.loads((root / "corpus.json").read_text())
+    return json.loads((root / MANIFEST).read_text())
 
 
 def records(path: Path) -> list[dict]:
@@ -37,17 +38,17 @@ def records(path: Path) -> list[dict]:
 def test_same_seed_same_bytes_another_seed_other_records(built, tmp_path):
     again = build_corpus(tmp_path / "again", seed=0, **SMALL)
     other = build_corpus(tmp_path / "other", seed=1, **SMALL)
-    assert (again / "corpus.json").read_bytes() == (built / "corpus.json").read_bytes()
-    assert all((again / rel).read_bytes() == (built / rel).read_bytes() for rel in manifest(built)["sha256"])
-    changed = {rel for rel, digest in manifest(other)["sha256"].items() if digest != manifest(built)["sha256"][rel]}
-    assert changed == set(manifest(built)["sha256"])  # every split of every domain, and the prompts
+    assert (again / MANIFEST).read_bytes() == (built / MANIFEST).read_bytes()
+    assert all((again / rel).read_bytes() == (built / rel).read_bytes() for rel in manifest(built)["checksums"])
+    changed = {rel for rel, digest in manifest(other)["checksums"].items() if digest != manifest(built)["checksums"][rel]}
+    assert changed == set(manifest(built)["checksums"])  # every split of every domain, and the prompts
     assert manifest(other)["seed"] == 1
 
 
 def test_every_domain_has_the_counts_asked_for_and_splits_share_no_source(built):
     m = manifest(built)
     assert m["python"] == ".".join(map(str, sys.version_info[:3])) and m["settings"]["records_per_domain"] == 30
-    for rel, digest in m["sha256"].items():  # the manifest describes the files
+    for rel, digest in m["checksums"].items():  # the manifest describes the files
         assert hashlib.sha256((built / rel).read_bytes()).hexdigest() == digest
     for domain in DOMAINS:
         splits = {split: records(built / domain / f"{split}.jsonl") for split in SPLITS}
@@ -97,9 +98,13 @@ def test_ensure_corpus_reuses_a_build_and_rebuilds_for_other_settings(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps  # reused, not rewritten
     ensure_corpus(root, **{**SMALL, "seed": 1})
     assert manifest(root)["seed"] == 1
-    (root / "corpus.json").unlink()  # as an interrupted build would leave it: never used
+    (root / MANIFEST).unlink()  # as an interrupted build would leave it: never used
     ensure_corpus(root, **SMALL)
     assert manifest(root)["seed"] == 0
+    good = (root / "code" / "val.jsonl").read_bytes()
+    (root / "code" / "val.jsonl").write_bytes(good[: len(good) // 2])  # a damaged file: its checksum no longer matches
+    ensure_corpus(root, **SMALL)
+    assert (root / "code" / "val.jsonl").read_bytes() == good
     with pytest.raises(TypeError, match=r"unknown corpus setting\(s\) \['records'\]"):
         ensure_corpus(root, records=10)
 
@@ -112,10 +117,10 @@ def test_an_interrupted_build_leaves_nothing_and_keeps_the_old_corpus(built, tmp
     with pytest.raises(KeyboardInterrupt):
         build_corpus(tmp_path / "new", **SMALL)
     assert list(tmp_path.iterdir()) == []
-    before = (built / "corpus.json").read_bytes()
+    before = (built / MANIFEST).read_bytes()
     with pytest.raises(KeyboardInterrupt):
         build_corpus(built, seed=5, **SMALL)
-    assert (built / "corpus.json").read_bytes() == before
+    assert (built / MANIFEST).read_bytes() == before
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -171,4 +176,4 @@ def test_a_build_in_another_process_is_byte_identical(built, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "1"}  # set and dict orders must not matter
     args = ["--records-per-domain", "30", "--val-records", "6", "--test-records", "6", "--prompts", "24"]
     subprocess.run([sys.executable, "-m", "kdlab.data.corpus", str(tmp_path / "c"), *args], check=True, env=env, capture_output=True)
-    assert (tmp_path / "c" / "corpus.json").read_bytes() == (built / "corpus.json").read_bytes()
+    assert (tmp_path / "c" / MANIFEST).read_bytes() == (built / MANIFEST).read_bytes()

@@ -16,8 +16,9 @@ each cut into records of about ``chars_per_record`` characters (600: about 150-2
 "source"}``. A source file (a reference topic) belongs to one split only, so held-out text is held
 out for real, and a text found in two files is kept once. ``OUT_DIR/chat/prompts.jsonl`` holds user
 prompts made from the library's names, for a teacher to answer (``python -m kdlab.generate``; the
-answers are ``data.chat``, a fourth domain). ``OUT_DIR/corpus.json`` records the Python version,
-the settings, the record counts and the SHA-256 of every file. One Python version and one set of
+answers are ``data.chat``, a fourth domain). ``OUT_DIR/kdlab-cache.json`` (kdlab/cache.py: the
+manifest of every kdlab cache entry, verified on reuse) records the Python version, the settings,
+the record counts and the SHA-256 of every file. One Python version and one set of
 settings give byte-identical files: every choice is drawn from ``random.Random(seed)`` over sorted
 lists, never from ``hash()``, set order or the file system's order.
 """
@@ -33,7 +34,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterable, Mapping
@@ -42,14 +42,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdlab import cache
 from kdlab.data.files import FilesDataModule
 
 log = logging.getLogger(__name__)
 
-CORPUS_VERSION = 2  # bump when what is built changes: ensure_corpus then rebuilds older corpora
+CORPUS_VERSION = 3  # bump when what is built changes: ensure_corpus then rebuilds older corpora
 DOMAINS = ("code", "docstrings", "reference")
 SPLITS = ("train", "val", "test")
-MANIFEST = "corpus.json"
+FILES = ("*/*.jsonl",)  # the corpus's payload, checksummed in its manifest
 # Not library code (tests, the IDLE and 2to3 tools), third-party packages, generated tables
 # (encodings' codec maps) and pydoc_data (its text is the reference domain already).
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages", "encodings", "pydoc_data", "__pycache__"})
@@ -60,7 +61,7 @@ MIN_DOCSTRING = 200  # characters: shorter docstrings are one-liners, not prose
 
 @dataclass(frozen=True)
 class Settings:
-    """What a corpus is built from (``corpus.json`` records them; ``ensure_corpus`` compares them)."""
+    """What a corpus is built from (its manifest records them; ``ensure_corpus`` compares them)."""
 
     seed: int = 0
     records_per_domain: int = 2000  # training records per domain
@@ -399,7 +400,7 @@ def _jsonl(records: Iterable[dict]) -> bytes:
 
 
 def _write_tree(tmp: Path, settings: Settings) -> dict:
-    """Every file of the corpus written under ``tmp``; returns the manifest."""
+    """Every file of the corpus written under ``tmp``; returns the record counts for the manifest."""
     size = settings.chars_per_record
     sizes = {"train": settings.records_per_domain, "val": settings.val_records, "test": settings.test_records}
     library = read_library(size)
@@ -419,14 +420,12 @@ def _write_tree(tmp: Path, settings: Settings) -> dict:
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    return {
-        "version": CORPUS_VERSION,
-        "python": platform_python(),
-        "seed": settings.seed,
-        "settings": asdict(settings),
-        "counts": counts,
-        "sha256": {rel: hashlib.sha256(data).hexdigest() for rel, data in sorted(written.items())},
-    }
+    return {"counts": counts}
+
+
+def _recorded(settings: Settings) -> dict:
+    """What a corpus's manifest records about how it was built (a reuse needs all of it equal)."""
+    return {"version": CORPUS_VERSION, "python": platform_python(), "seed": settings.seed, "settings": asdict(settings)}
 
 
 def platform_python() -> str:
@@ -437,57 +436,26 @@ def platform_python() -> str:
 def build_corpus(out_dir: str | Path, seed: int = 0, **settings) -> Path:
     """Build the corpus into ``out_dir`` (replacing what is there) and return it.
 
-    ``settings``: see :class:`Settings`. The files are written into a temporary folder beside
-    ``out_dir`` and renamed into place when complete, so an interrupted build is never used.
+    ``settings``: see :class:`Settings`. Written as a kdlab cache entry (kdlab/cache.py): into a
+    temporary folder beside ``out_dir``, renamed into place when complete, so an interrupted build is
+    never used.
     """
-    settings = Settings.of({"seed": seed, **settings})
+    parsed = Settings.of({"seed": seed, **settings})
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = _write_tree(tmp, settings)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last: it marks a complete build
-        if out.exists():  # moved aside first: a rename cannot replace a non-empty folder
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed build (Ctrl-C, full disk) leaves nothing behind
-        raise
-    log.info("built the Python corpus in %s: %s", out, manifest["counts"])
+    cache.write(out, lambda tmp: _write_tree(tmp, parsed), _recorded(parsed), FILES, replace=True)
+    log.info("built the Python corpus in %s: %s", out, json.loads((out / cache.MANIFEST).read_text())["counts"])
     return out
 
 
-def _reusable(root: Path, settings: Settings) -> str | None:
-    """Why the corpus at ``root`` cannot be used for ``settings`` (None: it can)."""
-    manifest = root / MANIFEST
-    if not manifest.is_file():
-        return "there is none"
-    try:
-        recorded = json.loads(manifest.read_text())
-    except (json.JSONDecodeError, OSError) as err:
-        return f"its {MANIFEST} is unreadable ({err})"
-    expected = {"version": CORPUS_VERSION, "python": platform_python(), "settings": asdict(settings)}
-    differing = {k: recorded.get(k) for k, v in expected.items() if recorded.get(k) != v}
-    if differing:
-        return f"it records {differing}, this run needs {({k: expected[k] for k in differing})}"
-    missing = [rel for rel in recorded.get("sha256", {}) if not (root / rel).is_file()]
-    if missing or not recorded.get("sha256"):
-        return f"its files {missing} are missing"
-    return None
-
-
 def ensure_corpus(root: str | Path, **settings) -> Path:
-    """The corpus at ``root``: reused if its ``corpus.json`` records these settings, else built."""
+    """The corpus at ``root``: reused if its manifest records these settings and its files their
+    checksums, else built."""
     parsed = Settings.of(settings)
     root = Path(root).expanduser().resolve()
-    reason = _reusable(root, parsed)
-    if reason is None:
+    if cache.load(root, _recorded(parsed), FILES, "Python corpus") is not None:
         return root
-    log.info("building the Python corpus in %s (%s)", root, reason)
+    log.info("building the Python corpus in %s", root)
     return build_corpus(root, **asdict(parsed))
 
 
@@ -510,8 +478,13 @@ def split_chat(chat: Path, out_root: Path, seed: int, fraction: float) -> dict[s
     data = chat.read_bytes()
     key = hashlib.sha256(data + f"|{seed}|{fraction}".encode()).hexdigest()[:16]
     folder = out_root / key
-    if all((folder / f"{s}.jsonl").is_file() for s in SPLITS):
-        return {s: folder / f"{s}.jsonl" for s in SPLITS}
+    recorded = {"seed": seed, "fraction": fraction}  # the folder name hashes the bytes with them
+    if cache.load(folder, recorded, ("*.jsonl",), "chat split") is None:
+        cache.write(folder, lambda tmp: _write_chat_splits(tmp, chat, data, seed, fraction), recorded, ("*.jsonl",))
+    return {s: folder / f"{s}.jsonl" for s in SPLITS}
+
+
+def _write_chat_splits(tmp: Path, chat: Path, data: bytes, seed: int, fraction: float) -> None:
     lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
     ids = []
     for n, line in enumerate(lines, 1):
@@ -526,15 +499,8 @@ def split_chat(chat: Path, out_root: Path, seed: int, fraction: float) -> dict[s
     random.Random(f"{seed}-chat-split").shuffle(order)
     n = min(max(1, round(fraction * len(lines))), (len(lines) - 1) // 2)
     parts = {"val": order[:n], "test": order[n : 2 * n], "train": order[2 * n :]}
-    tmp = folder.with_name(f".{key}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     for split, rows in parts.items():
         (tmp / f"{split}.jsonl").write_text("".join(lines[i] + "\n" for i in sorted(rows)), encoding="utf-8")
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process wrote the same split meanwhile: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {s: folder / f"{s}.jsonl" for s in SPLITS}
 
 
 class CorpusDataModule(FilesDataModule):
@@ -604,7 +570,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = {k: v for k, v in vars(args).items() if k != "out_dir"}
     out = build_corpus(args.out_dir, **settings)
-    counts = json.loads((out / MANIFEST).read_text())["counts"]
+    counts = json.loads((out / cache.MANIFEST).read_text())["counts"]
     print(f"{out}: " + "; ".join(f"{d}: " + ", ".join(f"{c[s]} {s}" for s in (*SPLITS, "prompts") if s in c) for d, c in counts.items()))
     return out
 
