@@ -45,6 +45,15 @@ def missing_plugin(overrides: list[str]) -> str | None:
     return None
 
 
+def stop_for_user_error(err: BaseException, log) -> None:
+    """A user error: its message alone (logged), then exit with :data:`USER_ERROR`. A crash: returns
+    (the caller re-raises it with its traceback)."""
+    message = None if wants_traceback() else user_message(err)
+    if message is not None:
+        log.error("%s\n%s", message, TRACEBACK_HINT)
+        raise SystemExit(USER_ERROR)
+
+
 def wants_traceback() -> bool:
     return os.environ.get("KDLAB_TRACEBACK", "").strip() not in ("", "0")
 

@@ -23,7 +23,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import kdlab.resolvers  # noqa: F401  (the configs' resolvers: run folders, model=smollm2's file)
 from kdlab.build import build_model
+from kdlab.errors import stop_for_user_error
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, from_pretrained
 from kdlab.module import DistillModule
 
@@ -93,7 +95,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except Exception as err:
+        stop_for_user_error(err, log)  # a mistake of the user's: the message alone, exit status 2
+        raise
     if cfg.get("logger") and "wandb" in cfg.logger._target_.lower():
         import wandb
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kdlab.resolvers  # noqa: F401  (the configs' resolvers: run folders, model=smollm2's file)
 from kdlab.data.records import json_lines
+from kdlab.errors import stop_for_user_error
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,11 @@ def _summary(counts: dict[str, int], out: Path, unfinished: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(cfg)
+    try:
+        generate(cfg)
+    except Exception as err:
+        stop_for_user_error(err, log)  # a mistake of the user's: the message alone, exit status 2
+        raise
 
 
 if __name__ == "__main__":

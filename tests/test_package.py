@@ -46,9 +46,9 @@ def installed(tmp_path_factory):
     return python, zipfile.ZipFile(wheel).namelist()
 
 
-def run_elsewhere(python, args, cwd, **env):
+def run_elsewhere(python, args, cwd, entry="kdlab.train", **env):
     return subprocess.run(
-        [str(python), "-m", "kdlab.train", *args],
+        [str(python), "-m", entry, *args],
         cwd=cwd, capture_output=True, text=True, timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **env},
     )
@@ -89,3 +89,18 @@ def test_a_two_step_run_from_another_directory(installed, tmp_path):
     result = run_elsewhere(python, overrides, tmp_path, KDLAB_CACHE=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "student" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "entry, args, message",
+    [
+        ("kdlab.train", ["module.lr=-1"], "module.lr=-1 must be a finite number > 0"),
+        ("kdlab.evaluate", ["student=/nonexistent"], "student folder '/nonexistent' does not exist"),
+        ("kdlab.generate", ["model=smollm2", "prompts=/nonexistent.jsonl", "out=answers.jsonl"], "prompts file '/nonexistent.jsonl' does not exist"),
+    ],
+)
+def test_every_entry_point_shows_a_user_error_alone(installed, tmp_path, entry, args, message):
+    python, _ = installed
+    result = run_elsewhere(python, [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, entry=entry)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and message in out and "Traceback" not in out, out[-2000:]
