@@ -54,12 +54,26 @@ def _plain(cfg: DictConfig) -> dict:
 
 def check_same_config(saved: Path, cfg: DictConfig, what: str) -> None:
     """The config a run folder was started with (``saved``) is this one, but for where and how to resume."""
-    differ = differing_keys(OmegaConf.to_container(OmegaConf.load(saved)), _plain(cfg))
+    differ = differing_keys(_with_placeholders(OmegaConf.to_container(OmegaConf.load(saved)), cfg), _plain(cfg))
     if differ:
         raise ValueError(
             f"{what} was started with another config; differing keys: {', '.join(differ[:20])}. Resume with the same "
             "overrides, or start a new run folder"
         )
+
+
+def _with_placeholders(tree, cfg: DictConfig):
+    """A config saved by an earlier kdlab holds its paths resolved: they become the placeholders
+    :func:`_plain` writes, so that such a run still resumes in place."""
+    if isinstance(tree, dict):
+        return {k: _with_placeholders(v, cfg) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_with_placeholders(v, cfg) for v in tree]
+    if isinstance(tree, str):
+        for key, value in (cfg.get("paths") or {}).items():
+            if isinstance(value, str) and value and value in tree:
+                tree = tree.replace(value, f"<paths.{key}>")
+    return tree
 
 
 def _flat(tree, prefix: str = "") -> dict:

@@ -14,8 +14,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from kdlab.data import corpus
 from kdlab.cache import MANIFEST
+from kdlab.data import corpus
 from kdlab.data.corpus import DOMAINS, SPLITS, CorpusDataModule, build_corpus, code_chunks, ensure_corpus, prose_chunks
 from tests.conftest import CONF_DIR
 

@@ -155,3 +155,20 @@ def test_the_best_checkpoint_record_moves_with_the_run_folder(tmp_path, recwarn)
     assert callback.best_model_path == str(new / "best.ckpt") and callback.last_model_path == str(new / "last.ckpt")
     assert list(callback.best_k_models) == [str(new / "best.ckpt")]
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
+def test_a_run_folder_saved_with_resolved_paths_still_resumes(tiny_cfg, tmp_path):
+    """Earlier kdlab versions saved the config with its paths resolved (the checkpoint folder, the trainer's root)."""
+    from omegaconf import OmegaConf
+
+    from kdlab.resume import IGNORED
+
+    first = tiny_cfg("trainer.max_steps=3")
+    first.paths.output_dir = str(tmp_path / "run")
+    run(first)
+    old_layout = {k: v for k, v in OmegaConf.to_container(first, resolve=True).items() if k not in IGNORED}
+    (tmp_path / "run" / "kdlab" / "config.yaml").write_text(OmegaConf.to_yaml(old_layout))
+    assert str(tmp_path / "run") in old_layout["callbacks"]["model_checkpoint"]["dirpath"]
+    again = tiny_cfg("trainer.max_steps=3", "resume=auto")
+    again.paths.output_dir = str(tmp_path / "run")
+    assert run(again)
