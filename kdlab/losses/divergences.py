@@ -55,14 +55,14 @@ def _upcast(x: Tensor) -> Tensor:
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if labels is not None and not bool((labels != IGNORE_INDEX).all()):
-        # masked rows never reach a softmax: a −inf logit there (a masked vocabulary entry) would turn
-        # 0 · ∞ into a NaN gradient, although _valid selects the row's value out
-        keep = (labels != IGNORE_INDEX).unsqueeze(-1)
-        student_logits = torch.where(keep, student_logits, torch.zeros((), dtype=student_logits.dtype, device=student_logits.device))
-        teacher_logits = torch.where(keep, teacher_logits, torch.zeros((), dtype=teacher_logits.dtype, device=teacher_logits.device))
     log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
     log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    if labels is not None:
+        # a −inf teacher logit at a masked row (a masked vocabulary entry) would make q·(log q − log p)
+        # infinite there, and its gradient 0 · ∞ = NaN although _valid selects the value out: the
+        # masked rows' log p is set to 0 (no host sync; in place when the teacher needs no gradient)
+        masked = (labels == IGNORE_INDEX).unsqueeze(-1)
+        log_p = log_p.masked_fill(masked, 0.0) if log_p.requires_grad else log_p.masked_fill_(masked, 0.0)
     return log_q, log_p
 
 
