@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: checked for UTF-8 line by line first
+TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: a decoding error is located line by line
 ROLES = ("system", "user", "assistant", "tool")
 RECIPE_VERSION = 3  # bump when the encoding below changes: cached tokenisations are then rebuilt
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
@@ -120,9 +120,6 @@ def read(source: Source):
     else:
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty; remove it from the data config or add records")
-        if path.suffix in TEXT_FORMATS:  # the reader would pass bad bytes on to tokenisation, which names no line
-            for _ in utf8_lines(path, str(path)):
-                pass
         try:
             table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
         except Exception as err:  # find the broken line ourselves: pyarrow's message does not name it
@@ -339,15 +336,22 @@ def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str
         encoder = Encoder(tokenizer, encoding, source, fmt)
         settings = json.dumps([RECIPE_VERSION, tok_hash, fmt, encoding.__dict__, source.domain, str(source.path)], sort_keys=True, default=str)
         fingerprint = hashlib.sha256((table._fingerprint + settings).encode()).hexdigest()[:32]
-        encoded = table.map(
-            encoder,
-            batched=True,
-            with_indices=True,
-            remove_columns=table.column_names,
-            new_fingerprint=fingerprint,
-            num_proc=num_proc,
-            desc=f"tokenising {source.path.name}",
-        )
+        try:
+            encoded = table.map(
+                encoder,
+                batched=True,
+                with_indices=True,
+                remove_columns=table.column_names,
+                new_fingerprint=fingerprint,
+                num_proc=num_proc,
+                desc=f"tokenising {source.path.name}",
+            )
+        except UnicodeDecodeError:
+            # the reader passes bytes that are not UTF-8 on to tokenisation, whose error names no line
+            if source.path.suffix in TEXT_FORMATS:
+                for _ in utf8_lines(source.path, str(source.path)):
+                    pass
+            raise
         columns = encoded.to_dict()  # column-wise: much faster than iterating rows
         counts.update(columns["status"])
         end_tokens.update(t for t in columns["end_token"] if t >= 0)
