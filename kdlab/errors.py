@@ -45,12 +45,18 @@ def missing_plugin(overrides: list[str]) -> str | None:
     return None
 
 
-def stop_for_user_error(err: BaseException, log) -> None:
-    """A user error: its message alone (logged), then exit with :data:`USER_ERROR`. A crash: returns
-    (the caller re-raises it with its traceback)."""
+def show_user_error(err: BaseException, log) -> str | None:
+    """Logs a user error's message alone and returns it; None (nothing logged) for a crash."""
     message = None if wants_traceback() else user_message(err)
     if message is not None:
         log.error("%s\n%s", message, TRACEBACK_HINT)
+    return message
+
+
+def stop_for_user_error(err: BaseException, log) -> None:
+    """A user error: its message alone, then exit with :data:`USER_ERROR`. A crash: returns (the
+    caller re-raises it with its traceback)."""
+    if show_user_error(err, log) is not None:
         raise SystemExit(USER_ERROR)
 
 

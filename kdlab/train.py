@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.build import build_model
 from kdlab.callbacks.throughput import Throughput
-from kdlab.errors import TRACEBACK_HINT, USER_ERROR, missing_plugin, user_message, wants_traceback
+from kdlab.errors import USER_ERROR, missing_plugin, show_user_error
 from kdlab.losses.base import needs_of
 from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
@@ -226,11 +226,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"kdlab: {message}", file=sys.stderr, flush=True)
         sys.exit(err.status)  # non-zero, as a shell reports a process killed by that signal
     except Exception as err:
-        message = None if wants_traceback() else user_message(err)
+        message = show_user_error(err, log)  # a user error: kdlab's message alone (kdlab/errors.py)
         if message is None:  # a crash: its traceback, into the job's own log (train.log) and stderr
             log.exception("the run failed")
-        else:  # a user error: kdlab's message alone (kdlab/errors.py)
-            log.error("%s\n%s", message, TRACEBACK_HINT)
         _finish_wandb(cfg, exit_code=1)  # the next job of a sweep must not log into this W&B run
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             if message is None:
