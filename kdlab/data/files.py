@@ -32,13 +32,14 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kdlab.data.datamodule import KDDataModule
-from kdlab.data.records import Record, json_lines, utf8_lines
+from kdlab.data.alignment import VocabularyMap, aligned_positions, pieces
+from kdlab.data.records import Encoded, Record, json_lines, utf8_lines
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: a decoding error is located line by line
 ROLES = ("system", "user", "assistant", "tool")
-RECIPE_VERSION = 3  # bump when the encoding below changes: cached tokenisations are then rebuilt
+RECIPE_VERSION = 4  # bump when the encoding below changes: cached tokenisations are then rebuilt
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
 
 
@@ -152,31 +153,47 @@ class Encoding:
 
 
 class Encoder:
-    """Tokenises the records of one file in one format (a ``Dataset.map`` function, batched)."""
+    """Tokenises the records of one file in one format (a ``Dataset.map`` function, batched).
 
-    def __init__(self, tokenizer, encoding: Encoding, source: Source, fmt: str):
+    With a ``teacher`` tokenizer (distillation across tokenizers), each record is also encoded by
+    the teacher's tokenizer, through its own chat template, and the two encodings' responses are
+    aligned (kdlab/data/alignment.py): once per record, cached with the tokenisation.
+    """
+
+    def __init__(self, tokenizer, encoding: Encoding, source: Source, fmt: str, teacher=None, vocab: VocabularyMap | None = None):
         self.tok, self.enc, self.source, self.fmt = tokenizer, encoding, source, fmt
         self.bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
         self.use_template = fmt == "messages" or (fmt == "prompt_response" and _wants_template(tokenizer, encoding))
+        self.teacher = Encoder(teacher, encoding, source, fmt) if teacher is not None else None
+        self.vocab = vocab
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         # "record_domain", not "domain": datasets would give it the input column's feature (e.g. Json, which reads "1" as 1)
-        out = {k: [] for k in ("input_ids", "targets", "prompt_len", "prompt", "answer", "record_domain", "status", "end_token")}
+        columns = ("input_ids", "targets", "prompt_len", "prompt", "answer", "record_domain", "status", "end_token", "teacher_ids", "aligned")
+        out = {k: [] for k in columns}
         for n, row in enumerate(indices):
             record = {k: v[n] for k, v in batch.items()}
-            ids, targets, prompt_len, prompt, answer, end_token = self.encode(record, row)
-            ids, targets, prompt_len, status = self.truncate(ids, targets, prompt_len)
+            encoded, status = self.truncate(self.encode(record, row))
+            teacher_ids, aligned = [], []
+            if self.teacher is not None:
+                theirs, their_status = self.teacher.truncate(self.teacher.encode(record, row))
+                status = "dropped" if "dropped" in (status, their_status) else status if status != "ok" else their_status
+                teacher_ids, aligned = theirs.ids, [list(a) for a in aligned_positions(encoded, theirs, self.vocab)]
             domain = self.source.domain if self.source.domain is not None else record.get(self.enc.domain_field)
             domain = self.enc.default_domain if domain is None else domain_name(domain, self.source.where(row))
-            for key, value in zip(out, (ids, targets, prompt_len, prompt, answer, domain, status, end_token)):
+            e = encoded
+            for key, value in zip(out, (e.ids, e.targets, e.prompt_len, e.prompt, e.answer, domain, status, e.end_token, teacher_ids, aligned)):
                 out[key].append(value)
         return out
 
-    def encode(self, record: dict, row: int):
+    def encode(self, record: dict, row: int) -> Encoded:
         if self.fmt == "text":
             text = self._string(record, "text", row)
-            ids = self.bos + self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
-            return ids, [True] * len(ids), 0, "", "", -1
+            body = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = self.bos + body["input_ids"] + [self.tok.eos_token_id]
+            offsets = [(0, 0)] * len(self.bos) + body["offset_mapping"] + [(len(text), len(text))]
+            segment = pieces(offsets, range(len(self.bos), len(ids)), 0, len(text))
+            return Encoded(ids, [True] * len(ids), 0, segments=[segment], lengths=[len(text)])
         if self.fmt == "prompt_response":
             prompt, response = self._string(record, "prompt", row), self._string(record, "response", row)
             if self.use_template:
@@ -187,9 +204,13 @@ class Encoder:
                     f"{self.source.where(row)}: the prompt is empty and the tokenizer adds no BOS token, so the record has "
                     "no prompt to answer; give it a prompt, or put the response in a text record (data.format=text)"
                 )
-            answer_ids = self.tok(response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            answer = self.tok(response, add_special_tokens=False, return_offsets_mapping=True)
+            answer_ids = answer["input_ids"] + [self.tok.eos_token_id]
             ids = prompt_ids + answer_ids
-            return ids, [False] * len(prompt_ids) + [True] * len(answer_ids), len(prompt_ids), prompt, response, -1
+            offsets = [(0, 0)] * len(prompt_ids) + answer["offset_mapping"] + [(len(response), len(response))]
+            segment = pieces(offsets, range(len(prompt_ids), len(ids)), 0, len(response))
+            targets = [False] * len(prompt_ids) + [True] * len(answer_ids)
+            return Encoded(ids, targets, len(prompt_ids), prompt, response, segments=[segment], lengths=[len(response)])
         return self._chat(self._messages(record, row), row)
 
     def _string(self, record: dict, name: str, row: int) -> str:
@@ -240,6 +261,7 @@ class Encoder:
         special = set(self.tok.all_special_ids)
         targets = [False] * len(ids)
         prompt_len, end_token = len(ids), -1
+        segments, lengths = [], []
         for i, turn in enumerate(turns):
             text = turn["content"].strip()
             if not text:
@@ -258,9 +280,11 @@ class Encoder:
             for t in span:
                 targets[t] = True
             prompt_len = span[0] if span else len(ids)
+            segments.append(pieces(offsets, span, at, len(text)))
+            lengths.append(len(text))
         last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
         asked = next((t["content"] for t in reversed(turns[:last]) if t["role"] != "assistant"), "")
-        return ids, targets, prompt_len, asked, turns[last]["content"], end_token
+        return Encoded(ids, targets, prompt_len, asked, turns[last]["content"], end_token, segments, lengths)
 
     def _answer_start(self, turns: list[dict], i: int, full: str, where: str) -> int:
         """Where assistant turn ``i``'s (stripped) text starts in ``full``, the rendered conversation."""
@@ -277,17 +301,21 @@ class Encoder:
             "turn goes), so its target tokens cannot be located; use prompt/response records or another template"
         )
 
-    def truncate(self, ids: list[int], targets: list[bool], prompt_len: int):
-        """Cut a too-long record's prompt from the left (plain text: its end); drop it if its response cannot fit."""
-        limit = self.enc.max_length
+    def truncate(self, e: Encoded) -> tuple[Encoded, str]:
+        """Cut a too-long record's prompt from the left (plain text: its end); drop it if its response cannot fit.
+        The segments keep the target tokens that remain, at their new indices."""
+        limit, ids = self.enc.max_length, e.ids
         if len(ids) <= limit:
-            return ids, targets, prompt_len, "ok"
-        if prompt_len == 0:
-            return ids[:limit], targets[:limit], 0, "truncated"
-        if len(ids) - prompt_len + 1 > limit:  # the response and at least one token to predict it from
-            return [], [], 0, "dropped"
-        cut = len(ids) - limit
-        return ids[cut:], targets[cut:], prompt_len - cut, "truncated"
+            return e, "ok"
+        if e.prompt_len == 0:
+            cut, kept = 0, slice(0, limit)
+        elif len(ids) - e.prompt_len + 1 > limit:  # the response and at least one token to predict it from
+            return Encoded([], [], 0, e.prompt, e.answer, e.end_token), "dropped"
+        else:
+            cut = len(ids) - limit
+            kept = slice(cut, len(ids))
+        segments = [[replace(p, index=p.index - cut) for p in seg if kept.start <= p.index < kept.stop] for seg in e.segments]
+        return replace(e, ids=ids[kept], targets=e.targets[kept], prompt_len=max(e.prompt_len - cut, 0), segments=segments), "truncated"
 
 
 def _wants_template(tokenizer, encoding: Encoding) -> bool:
@@ -325,15 +353,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str, num_proc: int | None = None, tok_hash: str | None = None):
+def load_records(
+    sources: list[Source], tokenizer, encoding: Encoding, name: str, num_proc: int | None = None, tok_hash: str | None = None, teacher=None
+):
     """Every source's records, tokenised (cached by ``datasets``), with their counts per status.
-    ``tok_hash``: the tokenizer's fingerprint, if the caller has it already (it serialises the whole tokenizer)."""
+    ``tok_hash``: the tokenizers' fingerprint, if the caller has it already (it serialises the whole tokenizer).
+    ``teacher``: ``(teacher tokenizer, VocabularyMap)`` to encode and align each record for it too."""
     records, counts, end_tokens = [], Counter(), Counter()
     tok_hash = tok_hash or tokenizer_fingerprint(tokenizer)
+    teacher_tok, vocab = teacher or (None, None)
     for source in sources:
         table = read(source)
         fmt = detect_format(table.column_names, source, encoding)
-        encoder = Encoder(tokenizer, encoding, source, fmt)
+        encoder = Encoder(tokenizer, encoding, source, fmt, teacher_tok, vocab)
         settings = json.dumps([RECIPE_VERSION, tok_hash, fmt, encoding.__dict__, source.domain, str(source.path)], sort_keys=True, default=str)
         fingerprint = hashlib.sha256((table._fingerprint + settings).encode()).hexdigest()[:32]
         try:
@@ -355,10 +387,11 @@ def load_records(sources: list[Source], tokenizer, encoding: Encoding, name: str
         columns = encoded.to_dict()  # column-wise: much faster than iterating rows
         counts.update(columns["status"])
         end_tokens.update(t for t in columns["end_token"] if t >= 0)
-        fields = ("input_ids", "targets", "prompt_len", "record_domain", "prompt", "answer")
-        for ids, targets, prompt_len, domain, prompt, answer, status in zip(*(columns[f] for f in fields), columns["status"]):
+        fields = ("input_ids", "targets", "prompt_len", "record_domain", "prompt", "answer", "teacher_ids", "aligned", "status")
+        for ids, targets, prompt_len, domain, prompt, answer, teacher_ids, aligned, status in zip(*(columns[f] for f in fields)):
             if status != "dropped":
-                records.append(Record(tuple(ids), tuple(targets), prompt_len, domain, prompt, answer))
+                aligned = tuple((s, t, bool(m)) for s, t, m in aligned)
+                records.append(Record(tuple(ids), tuple(targets), prompt_len, domain, prompt, answer, tuple(teacher_ids), aligned))
     if counts["truncated"] or counts["dropped"]:
         log.warning(
             "data.%s: %d of %d records were longer than data.max_length=%d: %d truncated (prompt cut from the left, "
@@ -423,9 +456,12 @@ def read_splits(
     num_proc: int | None = None,
     max_length: int = 1024,
     seed: int = 0,
+    teacher_tokenizer=None,
 ) -> tuple[dict[str, list[Record]], list[Record] | None, int | None]:
     """Your files as record splits: ``({"train"|"val"|"test": records}, the pretrain records or None,
-    the chat template's end-of-turn token or None)``. The settings are ``data=files``'s (kdlab/conf/data/files.yaml)."""
+    the chat template's end-of-turn token or None)``. The settings are ``data=files``'s (kdlab/conf/data/files.yaml).
+    ``teacher_tokenizer``: a teacher with another tokenizer; every record then also carries the
+    teacher's tokenisation and the alignment of the two (kdlab/data/alignment.py)."""
     if not train:
         raise ValueError("data=files needs data.train: a path, a glob, or a mapping domain -> path(s)")
     if not 0.0 < holdout_fraction < 1.0 or max_holdout < 1:
@@ -439,9 +475,16 @@ def read_splits(
     sources = {name: resolve(spec, name) for name, spec in (("train", train), ("val", val), ("test", test), ("pretrain", pretrain))}
     splits, end_tokens = {}, Counter()
     tok_hash = tokenizer_fingerprint(tokenizer)
+    teacher = None
+    if teacher_tokenizer is not None:
+        if packing:
+            raise ValueError("data.packing=true concatenates texts into blocks, which two tokenizers cut at different places; "
+                             "across tokenizers set data.packing=false")
+        teacher = (teacher_tokenizer, VocabularyMap(teacher_tokenizer, tokenizer))
+        tok_hash += "-" + tokenizer_fingerprint(teacher_tokenizer)
     for name in ("train", "val", "test"):
         if sources[name]:
-            splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash)
+            splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash, teacher)
             end_tokens.update(ends)
             if packing:
                 splits[name] = pack(splits[name], max_length)

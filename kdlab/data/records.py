@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdlab.data.alignment import Piece
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Record:
     domain: str
     prompt: str = ""
     answer: str = ""
+    # across tokenizers (kdlab/data/alignment.py): the teacher's own tokenisation of the record, and
+    # (student index, teacher index, matched) of each aligned group's first token
+    teacher_ids: tuple[int, ...] = ()
+    aligned: tuple[tuple[int, int, bool], ...] = ()
 
     def __post_init__(self):
         if len(self.input_ids) != len(self.targets):
@@ -44,6 +52,22 @@ class Record:
     @property
     def num_targets(self) -> int:
         return sum(self.targets[1:])
+
+
+@dataclass
+class Encoded:
+    """A record as one tokenizer encodes it, before it becomes a :class:`Record`: the sequence, its
+    targets, and its responses as segments of target tokens (``segments[k]``: the pieces of the k-th
+    response, whose text has ``lengths[k]`` characters), which alignment across tokenizers reads."""
+
+    ids: list[int]
+    targets: list[bool]
+    prompt_len: int
+    prompt: str = ""
+    answer: str = ""
+    end_token: int = -1
+    segments: list[list[Piece]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
 
 
 def prompt_answer_record(domain: str, prompt_ids: list[int], answer_ids: list[int], prompt: str = "", answer: str = "") -> Record:

@@ -1,0 +1,198 @@
+"""Two tokenisations of one record, aligned: the spans of teacher and student tokens that cover the same text.
+
+Cross-tokenizer distillation (``loss=uld``, ``loss=gold``; docs/methods.md §6) compares the two
+models where both predict the same thing. Each tokenizer renders the record with its own chat
+template (or its own BOS/EOS around plain text), so the sequences differ outside the responses;
+inside a response both cover the same characters. A *segment* is one response as its target
+tokens, each with its character range relative to the response's start (:func:`Piece`); tokens
+after the response text (the end-of-turn token and any template text before it) form its tail.
+
+:func:`align` cuts both segments at every character position where neither tokenisation has a
+token running across: the spans between consecutive common cuts are aligned *groups* of m teacher
+and n student tokens covering the same text. Offsets are the tokenizers' character offsets into
+the rendered string, never decoded token strings, so:
+
+- a multi-byte UTF-8 character split into several byte tokens (CJK, emoji) gives tokens with
+  overlapping ranges, and no cut is made inside it;
+- whitespace a tokenizer leaves out of its offsets (or merges into the next token) is a gap that
+  either side may cut in;
+- a BOS token, a template header or a prompt present on one side only lies outside the segments.
+
+At a group's first token both models have read the same text of the response (every earlier
+group covered the same characters), so their next-token distributions there are comparable: the
+objectives compare them at the group's first position. A group of one token on each side whose
+tokens are the same string in both vocabularies (:class:`VocabularyMap`) is *matched*: the
+hybrid objective compares the two distributions over the shared tokens there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A target token of a segment: its index in the sequence and its character range relative to the
+    response's start; the tail (the end-of-turn token and template text after the response) has ``tail``."""
+
+    index: int
+    start: int
+    end: int
+    tail: bool = False
+
+
+@dataclass(frozen=True)
+class Group:
+    """Aligned tokens: the first student and teacher token indices of a span covering the same text,
+    and how many tokens each side has in it."""
+
+    student: int
+    teacher: int
+    student_tokens: int
+    teacher_tokens: int
+
+
+def _cuts(pieces: list[Piece], length: int) -> list[tuple[int, int]]:
+    """For each boundary between consecutive pieces, the character interval where a cut is allowed
+    ((lo, hi): anywhere from the end of one to the start of the next), or (−1, −2) where the two
+    overlap (a character split across tokens): no cut there. The tail is one unit after the text."""
+    spans = [(length, length + 1) if p.tail else (min(p.start, length), min(p.end, length)) for p in pieces]
+    out = []
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        out.append((end, start) if end <= start else (-1, -2))
+    return out
+
+
+def align(student: list[Piece], teacher: list[Piece], length: int) -> list[Group]:
+    """The groups of two segments of the same response text of ``length`` characters (module docstring).
+
+    Both cut lists are walked once in order: where the two sides' allowed intervals intersect the
+    group closes; otherwise the side whose interval lies earlier moves on.
+    """
+    if not student or not teacher:
+        return []
+    cs, ct = _cuts(student, length), _cuts(teacher, length)
+    groups, i, j, gi, gj = [], 0, 0, 0, 0
+    while i < len(cs) and j < len(ct):
+        (slo, shi), (tlo, thi) = cs[i], ct[j]
+        if shi < slo:  # no cut allowed after student piece i
+            i += 1
+        elif thi < tlo:
+            j += 1
+        elif max(slo, tlo) <= min(shi, thi):  # a common cut
+            groups.append(Group(student[gi].index, teacher[gj].index, i + 1 - gi, j + 1 - gj))
+            i, j = i + 1, j + 1
+            gi, gj = i, j
+        elif shi < tlo:
+            i += 1
+        else:
+            j += 1
+    groups.append(Group(student[gi].index, teacher[gj].index, len(student) - gi, len(teacher) - gj))
+    return groups
+
+
+def pieces(offsets, indices, start: int, length: int) -> list[Piece]:
+    """The target tokens ``indices`` of a sequence whose response text begins at character ``start``
+    of the rendered string and runs ``length`` characters: tokens from the response's end on are its tail."""
+    out = []
+    for t in indices:
+        a, b = offsets[t]
+        out.append(Piece(t, max(a - start, 0), max(b - start, 0), tail=a >= start + length))
+    return out
+
+
+def aligned_positions(student: "Encoded", teacher: "Encoded", vocab: VocabularyMap) -> list[tuple[int, int, bool]]:
+    """(student index, teacher index, matched) of the first token of every group of the two encodings'
+    segments (the k-th response of one with the k-th of the other), for groups whose first token both
+    sequences hold and have context for (index >= 1: a sequence's first token is predicted from nothing)."""
+    out = []
+    for s, t, length in zip(student.segments, teacher.segments, student.lengths):
+        for g in align(s, t, length):
+            if 1 <= g.student < len(student.ids) and 1 <= g.teacher < len(teacher.ids):
+                one_to_one = g.student_tokens == 1 and g.teacher_tokens == 1
+                out.append((g.student, g.teacher, one_to_one and vocab.matched(teacher.ids[g.teacher], student.ids[g.student])))
+    return out
+
+
+# -- the two vocabularies -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The bytes each id stands for in text (None for special and added tokens, which are not text).
+
+    Byte-level BPE (GPT-2, Qwen, SmolLM2, Llama 3) spells bytes with a printable alphabet;
+    SentencePiece (Llama 2, Mistral) writes a space as "▁" and unknown bytes as "<0xNN>". Other
+    tokenizers fall back on decoding each id alone.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    kinds = {d.get("type") for d in (decoder.get("decoders", [decoder]) if decoder else [])}
+    special = set(tokenizer.all_special_ids) | {i for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out: list[bytes | None] = []
+    if "ByteLevel" in kinds:
+        table = _byte_decoder()
+        for i, tok in enumerate(tokens):
+            ok = i not in special and tok is not None and all(c in table for c in tok)
+            out.append(bytes(table[c] for c in tok) if ok else None)
+    elif "ByteFallback" in kinds or "Metaspace" in kinds:
+        for i, tok in enumerate(tokens):
+            if i in special or tok is None:
+                out.append(None)
+            elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                out.append(bytes([int(tok[3:5], 16)]))
+            else:
+                out.append(tok.replace("▁", " ").encode())
+    else:
+        for i in range(len(tokens)):
+            text = None if i in special else tokenizer.decode([i])
+            out.append(text.encode() if text and "\ufffd" not in text else None)
+    return out
+
+
+class VocabularyMap:
+    """The tokens two vocabularies share: ids whose tokens stand for the same bytes.
+
+    ``teacher_ids[j]`` and ``student_ids[j]`` are the j-th shared token in the two vocabularies (the
+    hybrid objective gathers these logit columns). Where a vocabulary spells the same bytes twice
+    (SentencePiece's byte-fallback ``<0x2C>`` beside ``,``), the later id, the merged token the
+    tokenizer actually emits, stands for them. :meth:`matched` compares two tokens' bytes.
+    """
+
+    def __init__(self, teacher_tokenizer, student_tokenizer):
+        self.teacher_bytes, self.student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+        by_bytes = {b: i for i, b in enumerate(self.student_bytes) if b is not None}
+        teacher_of = {b: i for i, b in enumerate(self.teacher_bytes) if b is not None and b in by_bytes}
+        pairs = sorted((t, by_bytes[b]) for b, t in teacher_of.items())
+        self.teacher_ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
+        self.student_ids = torch.tensor([s for _, s in pairs], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.teacher_ids)
+
+    def matched(self, teacher_id: int, student_id: int) -> bool:
+        """Whether the two tokens stand for the same text (special tokens never do)."""
+        b = self.teacher_bytes[teacher_id] if teacher_id < len(self.teacher_bytes) else None
+        return b is not None and student_id < len(self.student_bytes) and self.student_bytes[student_id] == b
+
+    def to(self, device) -> tuple[Tensor, Tensor]:
+        return self.teacher_ids.to(device), self.student_ids.to(device)
