@@ -2,6 +2,7 @@
 
     python -m bench.reproduce rlkd|minillm|ddk|main [--seeds 0 1 2 3 4] [--jobs 2] [--out DIR] [OVERRIDE ...]
     python -m bench.reproduce real|real_rlkd|real_ddk --seeds 0 1 2     # the real tier (experiment=real)
+    python -m bench.reproduce across --seeds 0 1 2 --jobs 1             # SmolLM2 into a GPT-2: CE vs ULD vs hybrid
 
 A protocol is an ``experiment=reproduce_<method>`` config (its comments give the reasons for every
 setting) and a set of variants that differ only in the method. Every (variant, seed) is one
@@ -61,6 +62,7 @@ class Protocol:
     metrics: dict[str, str]  # column -> metric key
     claims: list[Claim]
     gaps: bool = False  # add the per-domain student/teacher perplexity ratios (ddk_gaps) to each run's metrics
+    student: bool = False  # the runs' student is bench.across's GPT-2 folder, built once under --out
 
 
 def _rlkd_claims(base: str, name: str) -> list[Claim]:
@@ -174,7 +176,20 @@ REAL_DDK = Protocol(
     gaps=True,
 )
 
-PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN, "real": REAL, "real_rlkd": REAL_RLKD, "real_ddk": REAL_DDK}
+# -- across tokenizers: SmolLM2-135M-Instruct into a randomly initialised GPT-2 (experiment=across) ------------
+
+ACROSS_DOMAINS = ("code", "docstrings", "reference")
+ACROSS = Protocol(
+    experiment="across",
+    variants={"CE": ["loss=ce"], "ULD": ["loss=uld"], "hybrid": ["loss=gold"]},
+    metrics={"test ppl": "test/ppl", **{f"{d} ppl": f"test/{d}/ppl" for d in ACROSS_DOMAINS}},
+    claims=[Claim("ULD lowers the student's test perplexity vs CE", "test/ppl", "ULD", "CE", False, "ULD > teacher-text SFT (QA, summaries)"),
+            Claim("the hybrid lowers the student's test perplexity vs CE", "test/ppl", "hybrid", "CE", False, "GOLD: hybrid > ULD (TRL)"),
+            Claim("the hybrid lowers the student's test perplexity vs ULD", "test/ppl", "hybrid", "ULD", False, "GOLD: hybrid > ULD (TRL)")],
+    student=True,
+)
+
+PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN, "real": REAL, "real_rlkd": REAL_RLKD, "real_ddk": REAL_DDK, "across": ACROSS}
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -346,7 +361,12 @@ def main() -> None:
     out = Path(args.out or ROOT / "outputs" / "reproduce" / args.protocol)
     protocol = PROTOCOLS[args.protocol]
     start = time.time()
-    results = run_protocol(args.protocol, protocol, args.seeds, args.jobs, out, args.overrides)
+    extra = list(args.overrides)
+    if protocol.student:
+        from bench.across import build_student
+
+        extra.append(f"model.student.path={build_student(out / 'student')}")
+    results = run_protocol(args.protocol, protocol, args.seeds, args.jobs, out, extra)
     report = table(args.protocol, protocol, results, args.seeds) + f"\n\nwall time {time.time() - start:.0f} s ({args.jobs} jobs at a time)\n"
     (out / "table.md").write_text(report)
     (out / "results.json").write_text(json.dumps(results, indent=1))

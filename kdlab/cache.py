@@ -39,6 +39,8 @@ def data_fingerprint(datamodule) -> str:
     digest = hashlib.sha256()
     for r in datamodule.records["train"]:
         digest.update(json.dumps([r.domain, r.input_ids, r.targets]).encode())
+        if r.teacher_ids:  # across tokenizers: the teacher's own tokenisation and the alignment
+            digest.update(json.dumps([r.teacher_ids, r.aligned]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -11,6 +11,8 @@ extra metrics, and the teacher–student agreement; it fills the samples table (
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,8 @@ from kdlab.agreement import AgreementMetrics
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.metrics import EvalSettings, ModelEval, SampleTable, decode_responses
 from kdlab.rollout import sample
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -45,8 +49,11 @@ class Evaluation(torch.nn.Module):
     greedy outputs (generated once per example) and its validation perplexities (measured once,
     ``teacher_val_ppl``, which DDK reads)."""
 
-    def __init__(self, settings: EvalSettings | None, tokenizer, vocab_size: int | None):
+    def __init__(self, settings: EvalSettings | None, tokenizer, vocab_size: int | None, teacher_comparable: bool = True):
         super().__init__()
+        # across tokenizers the teacher reads other tokens: its perplexity, agreement and greedy outputs
+        # on the student's sequences are meaningless, so they are left out (said once, in the log)
+        self.teacher_comparable, self._said = teacher_comparable, False
         self.settings = settings or EvalSettings()
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -56,11 +63,21 @@ class Evaluation(torch.nn.Module):
         self.teacher_outputs: dict[tuple[str, int], str] = {}
         self.teacher_val_ppl: dict[str, float] | None = None
 
+    def teacher_of(self, module):
+        """The teacher as a reference on the student's tokens, or None across tokenizers."""
+        if self.teacher_comparable:
+            return module.teacher
+        if not self._said:
+            self._said = True
+            log.info("the teacher has another tokenizer: teacher perplexity, agreement and outputs are left out of evaluation "
+                     "(per-token measures over different tokens are not comparable)")
+        return None
+
     def _model_evals(self, module) -> torch.nn.ModuleDict:
         if self.models is None:
             dm = module.trainer.datamodule
             evals = {}
-            for role, model in (("student", module.student), ("teacher", module.teacher)):
+            for role, model in (("student", module.student), ("teacher", self.teacher_of(module))):
                 if model is not None:
                     num_classes = self.vocab_size or model.get_output_embeddings().weight.shape[0]
                     extras = dm.extra_metrics(self.tokenizer, dm.domains) if dm.extra_metrics else []
@@ -75,7 +92,7 @@ class Evaluation(torch.nn.Module):
         with_exact = with_exact and dm.checker is not None
         num_samples = self.settings.num_samples if split == "test" else self.settings.val_num_samples
         student_logits = module.logits(module.student, batch)
-        teacher_logits = module.teacher_logits(batch) if module.teacher is not None else None
+        teacher_logits = module.teacher_logits(batch) if self.teacher_of(module) is not None else None
         if teacher_logits is not None:
             self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
         prompted = batch["generate"].nonzero().flatten().tolist()  # plain text has nothing to generate from
@@ -84,7 +101,7 @@ class Evaluation(torch.nn.Module):
         domains = gen_batch["domain"].tolist() if prompted else []
         texts = {}  # role -> (greedy outputs or None, sampled responses or None)
         evals = self._model_evals(module)
-        for role, model, logits in (("student", module.student, student_logits), ("teacher", module.teacher, teacher_logits)):
+        for role, model, logits in (("student", module.student, student_logits), ("teacher", self.teacher_of(module), teacher_logits)):
             if model is None or (role == "teacher" and not with_teacher):
                 continue
             evals[role].update_logits(logits, batch)
@@ -144,10 +161,10 @@ class Evaluation(torch.nn.Module):
         greedy, samples = texts["student"]
         student = [greedy[r] for r in rows] if greedy is not None else self._greedy(module.student, _rows(batch, rows), dm)
         teacher = [""] * len(rows)
-        if module.teacher is not None:  # the frozen teacher's outputs never change: generated once per example
+        if self.teacher_of(module) is not None:  # the frozen teacher's outputs never change: generated once per example
             missing = [r for r in rows if (split, indices[r]) not in self.teacher_outputs]
             if missing:
-                outputs = self._greedy(module.teacher, _rows(batch, missing), dm)
+                outputs = self._greedy(self.teacher_of(module), _rows(batch, missing), dm)
                 self.teacher_outputs.update({(split, indices[r]): out for r, out in zip(missing, outputs)})
             teacher = [self.teacher_outputs[(split, indices[r])] for r in rows]
         for j, r in enumerate(rows):
@@ -173,10 +190,10 @@ class Evaluation(torch.nn.Module):
         for model_eval in evals.values():
             model_eval.reset()
         metrics["loss"] = metrics["ppl"].log()
-        if module.teacher is not None:
+        if self.teacher_of(module) is not None:
             metrics.update(self.agreement.compute())
             self.agreement.reset()
-        if split == "val" and module.teacher is not None:
+        if split == "val" and self.teacher_of(module) is not None:
             domains = trainer.datamodule.domains
             if with_teacher and not trainer.sanity_checking:
                 self.teacher_val_ppl = {d: float(metrics[f"{d}/teacher_ppl"]) for d in domains}

@@ -156,35 +156,49 @@ def load_tokenizer(path: str | None = None, gguf_file: str | None = None, cache_
     return tokenizer
 
 
-def check_tokenizers(tokenizer, student_path: str | None) -> None:
-    """Preflight: the student folder's own tokenizer (if it has one) agrees with the teacher's.
+def check_tokenizers(tokenizer, student_path: str | None, across: bool = False):
+    """Preflight: the tokenizer the student reads, ``tokenizer`` (the teacher's) unless the student's
+    folder has its own that differs.
 
-    Both must map every id they share to the same token and have the same special tokens, or
-    the two models' distributions are over different things and token-level distillation is
-    meaningless. The error names the first differing ids.
+    Token-level distillation needs one tokenizer: both must map every id they share to the same
+    token and have the same special tokens, or the two distributions are over different things; a
+    differing student tokenizer is refused, naming the first differing ids. ``across``: the
+    objective works across tokenizers (``loss=uld``, ``loss=gold``), so a differing one is returned.
     """
     if student_path is None:
-        return
+        return tokenizer
     folder = Path(student_path).expanduser()
     if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return  # no tokenizer of its own: it uses the teacher's
+        return tokenizer  # no tokenizer of its own: it uses the teacher's
     student_tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    difference = _difference(tokenizer, student_tok)
+    if difference is None:
+        return tokenizer
+    if across:
+        log.info("the student reads its own tokenizer (%s): %s; distilling across tokenizers", folder, difference)
+        if student_tok.pad_token_id is None:
+            student_tok.pad_token = student_tok.eos_token
+        return student_tok
+    raise ValueError(
+        f"the student's tokenizer ({folder}) {difference}; token-level distillation needs one tokenizer. Pick a "
+        "student of the teacher's family, or distil across tokenizers with loss=uld or loss=gold"
+    )
+
+
+def _difference(tokenizer, student_tok) -> str | None:
     shared = min(len(tokenizer), len(student_tok))
     teacher_tokens = tokenizer.convert_ids_to_tokens(list(range(shared)))
     student_tokens = student_tok.convert_ids_to_tokens(list(range(shared)))
     differing = [i for i in range(shared) if teacher_tokens[i] != student_tokens[i]]
     if differing:
         shown = ", ".join(f"{i}: {teacher_tokens[i]!r} vs {student_tokens[i]!r}" for i in differing[:5])
-        raise ValueError(
-            f"the student's tokenizer ({folder}) maps {len(differing)} of the {shared} shared ids to other tokens than the "
-            f"teacher's (first: {shown}); token-level distillation needs one tokenizer. Pick a student of the teacher's family."
-        )
+        return f"maps {len(differing)} of the {shared} shared ids to other tokens than the teacher's (first: {shown})"
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
     special = {n: (getattr(tokenizer, n), getattr(student_tok, n)) for n in names}
     special = {n: v for n, v in special.items() if v[0] != v[1] and not (n == "pad_token" and None in v)}
     if special:
-        shown = ", ".join(f"{n}: {t!r} (teacher) vs {s!r} (student)" for n, (t, s) in special.items())
-        raise ValueError(f"the student's tokenizer ({folder}) has other special tokens than the teacher's: {shown}")
+        return "has other special tokens than the teacher's: " + ", ".join(f"{n}: {t!r} (teacher) vs {s!r} (student)" for n, (t, s) in special.items())
+    return None
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

@@ -47,7 +47,8 @@ class DistillModule(L.LightningModule):
     warmup + cosine learning-rate schedule. ``vocab_size`` truncates both models' logits to the
     vocabulary they share (see ``kdlab.models.distillation_vocab_size``). ``teacher_signals``: the
     teacher cache (``teacher_cache.k``, :class:`kdlab.teacher_cache.TeacherSignals`), whose rows for
-    each training batch's records replace the teacher forward.
+    each training batch's records replace the teacher forward. ``vocabulary``: a teacher with
+    another tokenizer (:class:`kdlab.data.alignment.VocabularyMap`); ``vocab_size`` is then the student's.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class DistillModule(L.LightningModule):
         generate_in_validation: bool = True,
         eval_settings: EvalSettings | None = None,
         teacher_signals=None,
+        vocabulary=None,
     ):
         super().__init__()
         check_optimisation(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
@@ -79,9 +81,10 @@ class DistillModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.generate_in_validation = generate_in_validation
-        self.evaluation = Evaluation(eval_settings, tokenizer, vocab_size)
+        # across tokenizers the teacher's per-token measures are over other tokens: evaluation leaves them out
+        self.evaluation = Evaluation(eval_settings, tokenizer, vocab_size, teacher_comparable=vocabulary is None)
         self.strict_loading = False  # checkpoints hold no teacher weights
-        self.step = choose_step(needs_of(loss), teacher_signals)  # kdlab/steps.py
+        self.step = choose_step(needs_of(loss), teacher_signals, vocabulary)  # kdlab/steps.py
 
     # -- the frozen teacher -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -127,14 +130,15 @@ class DistillModule(L.LightningModule):
     def teacher_logits(self, batch: dict) -> Tensor:
         return self.logits(self.teacher, batch)
 
-    def labelled_logits(self, model, batch: dict, mask: Tensor) -> Tensor:
+    def labelled_logits(self, model, batch: dict, mask: Tensor, vocab_size: int | None = None) -> Tensor:
         """(1, N, V) logits of the N positions of ``mask``: the head runs on those rows only (kdlab/heads.py).
+        ``vocab_size``: columns kept (default: the distillation's; across tokenizers the teacher has its own).
 
         Under FSDP the model's own forward computes them (its head's weight is only whole inside
         its FSDP unit's forward), and the rows are selected after.
         """
         sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        return labelled_logits(model, batch, mask, self.vocab_size, through_head=not sharded)
+        return labelled_logits(model, batch, mask, vocab_size or self.vocab_size, through_head=not sharded)
 
     def num_tokens(self, labels: Tensor, batch: dict | None = None) -> Tensor:
         """The normaliser that makes an optimiser step's loss Σ(valid tokens) / N(valid tokens).

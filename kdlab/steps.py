@@ -11,6 +11,9 @@
   (``loss.fused_head``, kdlab/losses/fused.py).
 - :class:`RolloutStep`: samples of the batch's prompts (MiniLLM, on-policy KD; kdlab/rollout.py),
   or, on the steps its schedule leaves to the data, the teacher-forward step.
+- :class:`AlignedStep`: across tokenizers (``Needs.aligned``): the teacher on its own tokenisation
+  of the records, at the first positions of the groups aligned with the student's
+  (kdlab/data/alignment.py), or the teacher cache's rows there.
 
 A step reads the module's models and its helpers (``logits``, ``labelled_logits``, ``num_tokens``)
 and never logs: the module logs the :class:`LossOutput` (kdlab/module.py). Only the labelled
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from kdlab.heads import last_hidden_rows, plain_head
-from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, Needs, RolloutKDBatch
+from kdlab.losses.base import IGNORE_INDEX, AlignedKDBatch, KDBatch, LossOutput, Needs, RolloutKDBatch
 from kdlab.losses.fused import fused_head_loss
 from kdlab.losses.sparse import SparseTeacher
 from kdlab.rollout import RolloutBuffer, plain_text_labels, sample, token_logprobs
@@ -45,11 +48,18 @@ class Step:
         pass
 
 
-def choose_step(needs: Needs, teacher_signals=None) -> Step:
+def choose_step(needs: Needs, teacher_signals=None, vocabulary=None) -> Step:
     """The step that provides what ``needs`` declares, from ``teacher_signals`` (the teacher cache, or
-    None); a ValueError naming the fix for combinations no step provides (checked before any model
-    is built, too: kdlab/teacher_cache.py)."""
+    None) and ``vocabulary`` (across tokenizers: the two vocabularies' shared tokens, a
+    kdlab.data.alignment.VocabularyMap); a ValueError naming the fix for combinations no step
+    provides (checked before any model is built, too: kdlab/teacher_cache.py)."""
     teacher_cached = teacher_signals is not None
+    if needs.aligned:
+        if needs.fused_head or needs.rollouts is not None:
+            raise ValueError("an objective across tokenizers reads both models' logits on the data: it takes no fused_head and no rollouts")
+        if vocabulary is None:
+            raise ValueError("this objective compares the teacher on its own tokenisation; the data carries none (use data=files or data=python_corpus)")
+        return AlignedStep(vocabulary, teacher_signals)
     if needs.fused_head:
         if needs.rollouts is not None:
             raise ValueError(
@@ -109,6 +119,41 @@ class CachedTeacherStep(Step):
         mask = batch["labels"] != IGNORE_INDEX
         sparse = self.signals.view(batch["index"], batch["labels"]).map(lambda t: t[mask].unsqueeze(0))
         return module.loss(_token_batch(module, batch, mask, None, sparse))
+
+
+class AlignedStep(Step):
+    """Across tokenizers: the student's logits at its labelled positions, and the teacher's, on its own
+    tokenisation, at each aligned group's first position (``kd_teacher``), or the teacher cache's
+    rows there; ``kd_student`` says which student row each one is compared with. The teacher runs first."""
+
+    def __init__(self, vocabulary, signals=None):
+        self.vocabulary, self.signals = vocabulary, signals
+
+    def __call__(self, module, batch: dict) -> LossOutput:
+        mask = batch["labels"] != IGNORE_INDEX
+        groups = batch["kd_teacher"]
+        teacher_logits = teacher_sparse = None
+        if self.signals is not None:  # laid out by the teacher's tokens at those positions (what the cache checks)
+            ids = batch["teacher_input_ids"]
+            read_at = torch.full_like(ids, IGNORE_INDEX)
+            read_at[:, :-1] = torch.where(groups[:, :-1], ids[:, 1:], IGNORE_INDEX)
+            teacher_sparse = self.signals.view(batch["index"], read_at).map(lambda t: t[groups].unsqueeze(0))
+        else:
+            teacher_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}
+            with torch.no_grad():
+                teacher_logits = module.labelled_logits(module.teacher, teacher_batch, groups, self.vocabulary.teacher_size)
+        return module.loss(
+            AlignedKDBatch(
+                student_logits=module.labelled_logits(module.student, batch, mask),
+                teacher_logits=teacher_logits,
+                labels=batch["labels"][mask].unsqueeze(0),
+                num_tokens=module.num_tokens(batch["labels"], batch),
+                teacher_sparse=teacher_sparse,
+                aligned_rows=batch["kd_student"][mask].nonzero().squeeze(-1),
+                matched=batch["kd_matched"][batch["kd_student"]],
+                shared_vocab=self.vocabulary.to(mask.device),
+            )
+        )
 
 
 class FusedHeadStep(Step):

@@ -285,7 +285,7 @@ def build(
     """
     records = datamodule.records["train"]
     offsets = np.zeros(len(records) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([r.num_targets for r in records])
+    offsets[1:] = np.cumsum([datamodule.teacher_positions(r) for r in records])
     total = int(offsets[-1])
     if total == 0:
         raise ValueError("teacher_cache.k: the training split has no labelled position; there is nothing to cache")
@@ -308,7 +308,7 @@ def _fill(tmp: Path, teacher, datamodule, records, offsets, k, vocab_size, tempe
         with torch.no_grad(), forward_context():
             for start in range(0, len(order), batch_size):
                 chosen = order[start : start + batch_size]
-                sequences = datamodule._sequences([records[i] for i in chosen])  # the training batches' layout
+                sequences = datamodule.teacher_sequences([records[i] for i in chosen])  # the training batches' layout
                 mask = sequences["labels"] != IGNORE_INDEX
                 logits = teacher(
                     input_ids=sequences["input_ids"].to(device), attention_mask=sequences["attention_mask"].to(device)
@@ -374,7 +374,7 @@ def prepare(
     key = signal_key(teacher, tokenizer, datamodule, k, vocab_size, temperature, precision, teacher_config)
     path = Path(cache_dir).expanduser() / "teacher_signals" / key
     records = datamodule.records["train"]
-    expected = _settings(k, vocab_size, temperature, len(records), sum(r.num_targets for r in records))
+    expected = _settings(k, vocab_size, temperature, len(records), sum(datamodule.teacher_positions(r) for r in records))
     signals = load(path, expected)
     if signals is not None:
         return signals

@@ -170,7 +170,8 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 
 
 class VocabularyMap:
-    """The tokens two vocabularies share: ids whose tokens stand for the same bytes.
+    """A teacher's tokenizer beside the student's, and the tokens the two vocabularies share: ids whose
+    tokens stand for the same bytes.
 
     ``teacher_ids[j]`` and ``student_ids[j]`` are the j-th shared token in the two vocabularies (the
     hybrid objective gathers these logit columns). Where a vocabulary spells the same bytes twice
@@ -179,7 +180,9 @@ class VocabularyMap:
     """
 
     def __init__(self, teacher_tokenizer, student_tokenizer):
+        self.teacher_tokenizer = teacher_tokenizer  # the data encodes each record with it too
         self.teacher_bytes, self.student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+        self.teacher_size = len(self.teacher_bytes)  # the teacher's logits kept (padded rows past it are no token)
         by_bytes = {b: i for i, b in enumerate(self.student_bytes) if b is not None}
         teacher_of = {b: i for i, b in enumerate(self.teacher_bytes) if b is not None and b in by_bytes}
         pairs = sorted((t, by_bytes[b]) for b, t in teacher_of.items())

@@ -192,7 +192,34 @@ class KDDataModule(L.LightningDataModule):
             generate=torch.tensor([r.prompt_len > 0 for r in records]),
             index=torch.tensor([e["index"] for e in items]),
         )
+        if self.aligned:
+            batch.update(self._aligned(records, batch["input_ids"].shape[1]))
         return batch
+
+    @property
+    def aligned(self) -> bool:
+        """Whether the records carry the teacher's own tokenisation (distillation across tokenizers)."""
+        return bool(self.records["train"][0].teacher_ids)
+
+    @staticmethod
+    def _aligned(records: Sequence[Record], width: int) -> dict:
+        """The teacher's sequences (right-padded; the padding is masked) and the aligned groups as masks
+        over the logits positions that predict each group's first token: ``kd_student`` (B, T),
+        ``kd_teacher`` (B, T_teacher), ``kd_matched`` (B, T). Row-major order pairs them up."""
+        teacher_width = max(len(r.teacher_ids) for r in records)
+        teacher_ids = torch.zeros((len(records), teacher_width), dtype=torch.long)
+        teacher_mask = torch.zeros((len(records), teacher_width), dtype=torch.long)
+        kd_student = torch.zeros((len(records), width), dtype=torch.bool)
+        kd_matched = torch.zeros((len(records), width), dtype=torch.bool)
+        kd_teacher = torch.zeros((len(records), teacher_width), dtype=torch.bool)
+        for i, r in enumerate(records):
+            teacher_ids[i, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
+            teacher_mask[i, : len(r.teacher_ids)] = 1
+            for s, t, matched in r.aligned:
+                kd_student[i, s - 1] = kd_teacher[i, t - 1] = True
+                kd_matched[i, s - 1] = matched
+        return {"teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask,
+                "kd_student": kd_student, "kd_teacher": kd_teacher, "kd_matched": kd_matched}
 
     def _sequences(self, records: Sequence[Record]) -> dict:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (aligned with the logits)."""
@@ -208,6 +235,23 @@ class KDDataModule(L.LightningDataModule):
             # logits at position t predict token t+1
             labels[i, : n - 1] = torch.where(torch.tensor(r.targets[1:]), ids[1:], IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    # -- what the teacher reads (the teacher cache builds from these) ---------------------------------
+    def teacher_sequences(self, records: Sequence[Record]) -> dict:
+        """The teacher's inputs for ``records`` and, as ``labels``, the tokens it is read at (elsewhere
+        IGNORE_INDEX): the records' own labels, or across tokenizers its own sequences at the aligned
+        groups' first positions."""
+        if not self.aligned:
+            return self._sequences(records)
+        fields = self._aligned(records, max(len(r.input_ids) for r in records))
+        ids = fields["teacher_input_ids"]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[:, :-1] = torch.where(fields["kd_teacher"][:, :-1], ids[:, 1:], IGNORE_INDEX)
+        return {"input_ids": ids, "attention_mask": fields["teacher_attention_mask"], "labels": labels}
+
+    def teacher_positions(self, record: Record) -> int:
+        """How many of the record's positions the teacher is read at (:meth:`teacher_sequences`)."""
+        return len(record.aligned) if self.aligned else record.num_targets
 
     def _train_collate(self, items: list[dict]) -> dict:
         batch = self.collate(items)  # "index": each record's place in records["train"] (the teacher cache's key)
@@ -314,8 +358,13 @@ def split_batch(batch: dict, k: int) -> list[dict]:
         rows = slice(i * size, (i + 1) * size)
         micro = {key: value[rows] for key, value in batch.items() if not isinstance(value, dict)}
         width = int(micro["attention_mask"].sum(-1).max())
-        for key in ("input_ids", "attention_mask", "labels"):
-            micro[key] = micro[key][:, :width]
+        for key in ("input_ids", "attention_mask", "labels", "kd_student", "kd_matched"):
+            if key in micro:
+                micro[key] = micro[key][:, :width]
+        if "teacher_attention_mask" in micro:  # the teacher's own tokenisation (across tokenizers)
+            width = int(micro["teacher_attention_mask"].sum(-1).max())
+            for key in ("teacher_input_ids", "teacher_attention_mask", "kd_teacher"):
+                micro[key] = micro[key][:, :width]
         if "prompt_mask" in micro:
             prompt_width = int(micro["prompt_mask"].sum(-1).max())
             micro["prompt_ids"], micro["prompt_mask"] = micro["prompt_ids"][:, -prompt_width:], micro["prompt_mask"][:, -prompt_width:]

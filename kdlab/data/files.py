@@ -456,12 +456,12 @@ def read_splits(
     num_proc: int | None = None,
     max_length: int = 1024,
     seed: int = 0,
-    teacher_tokenizer=None,
+    across: VocabularyMap | None = None,
 ) -> tuple[dict[str, list[Record]], list[Record] | None, int | None]:
     """Your files as record splits: ``({"train"|"val"|"test": records}, the pretrain records or None,
     the chat template's end-of-turn token or None)``. The settings are ``data=files``'s (kdlab/conf/data/files.yaml).
-    ``teacher_tokenizer``: a teacher with another tokenizer; every record then also carries the
-    teacher's tokenisation and the alignment of the two (kdlab/data/alignment.py)."""
+    ``across``: a teacher with another tokenizer (its tokenizer and the shared vocabulary); every record
+    then also carries the teacher's tokenisation and the alignment of the two (kdlab/data/alignment.py)."""
     if not train:
         raise ValueError("data=files needs data.train: a path, a glob, or a mapping domain -> path(s)")
     if not 0.0 < holdout_fraction < 1.0 or max_holdout < 1:
@@ -476,12 +476,12 @@ def read_splits(
     splits, end_tokens = {}, Counter()
     tok_hash = tokenizer_fingerprint(tokenizer)
     teacher = None
-    if teacher_tokenizer is not None:
+    if across is not None:
         if packing:
             raise ValueError("data.packing=true concatenates texts into blocks, which two tokenizers cut at different places; "
                              "across tokenizers set data.packing=false")
-        teacher = (teacher_tokenizer, VocabularyMap(teacher_tokenizer, tokenizer))
-        tok_hash += "-" + tokenizer_fingerprint(teacher_tokenizer)
+        teacher = (across.teacher_tokenizer, across)
+        tok_hash += "-" + tokenizer_fingerprint(across.teacher_tokenizer)
     for name in ("train", "val", "test"):
         if sources[name]:
             splits[name], counts, ends = load_records(sources[name], tokenizer, encoding, name, num_proc, tok_hash, teacher)

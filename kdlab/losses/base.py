@@ -85,7 +85,9 @@ class Needs:
     with the teacher's logits on it. ``ranked_top_k``: the teacher's top-k ids the loss ranks
     (RLKD), which a teacher cache must keep. ``teacher_temperature``: the τ at which a cached
     teacher's normaliser and tail are needed; None when the loss reads the teacher at two
-    temperatures (one cache holds one).
+    temperatures (one cache holds one). ``aligned``: an objective across tokenizers: the teacher
+    runs on its own tokenisation and the loss gets an :class:`AlignedKDBatch` (kdlab/data/alignment.py);
+    only such objectives accept a teacher whose tokenizer differs from the student's.
     """
 
     teacher: bool = True
@@ -96,6 +98,7 @@ class Needs:
     plain_text_teacher: bool = False
     ranked_top_k: int | None = None
     teacher_temperature: float | None = 1.0
+    aligned: bool = False
 
 
 def needs_of(loss) -> Needs:
@@ -146,6 +149,21 @@ class RolloutKDBatch(KDBatch):
     teacher_logprobs: Tensor | None = None
     plain: KDBatch | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class AlignedKDBatch(KDBatch):
+    """A KDBatch across tokenizers (``Needs.aligned``): the student's logits at its N labelled positions
+    as usual, and the teacher's only at the G aligned groups' first positions, each on its own
+    vocabulary: ``teacher_logits`` (1, G, V_teacher) or ``teacher_sparse`` (1, G, k).
+    ``aligned_rows`` (G,): which of the N student rows each teacher row is compared with (where
+    both models have read the same text); ``matched`` (G,): the group is one token on each side,
+    the same string in both vocabularies; ``shared_vocab``: (teacher ids, student ids) of the
+    tokens the vocabularies share, column j of one being column j of the other."""
+
+    aligned_rows: Tensor | None = None
+    matched: Tensor | None = None
+    shared_vocab: tuple[Tensor, Tensor] | None = None
 
 
 @dataclass

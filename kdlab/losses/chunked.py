@@ -85,7 +85,8 @@ def chunked(dense: Callable[[KDBatch], LossOutput], batch: KDBatch, chunk_size: 
     """``dense(batch)``'s value and gradient, computed over chunks of ``chunk_size`` rows."""
     v = batch.student_logits.shape[-1]
     student = batch.student_logits.reshape(-1, v)
-    teacher = batch.teacher_logits.reshape(-1, v) if batch.teacher_logits is not None else None
+    # the teacher's own vocabulary, which across tokenizers is not the student's
+    teacher = batch.teacher_logits.reshape(-1, batch.teacher_logits.shape[-1]) if batch.teacher_logits is not None else None
     if batch.teacher_sparse is not None:  # the teacher cache's top-k view (kdlab.losses.sparse): chunked by the same rows
         teacher = batch.teacher_sparse.flatten_rows()
     labels = batch.labels.reshape(-1)
