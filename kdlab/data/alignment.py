@@ -113,10 +113,24 @@ def aligned_positions(student: "Encoded", teacher: "Encoded", vocab: VocabularyM
     out = []
     for s, t, length in zip(student.segments, teacher.segments, student.lengths):
         for g in align(s, t, length):
-            if 1 <= g.student < len(student.ids) and 1 <= g.teacher < len(teacher.ids):
-                one_to_one = g.student_tokens == 1 and g.teacher_tokens == 1
-                out.append((g.student, g.teacher, one_to_one and vocab.matched(teacher.ids[g.teacher], student.ids[g.student])))
+            for a, b, matched in _split_identical(g, student.ids, teacher.ids, vocab):
+                if 1 <= a < len(student.ids) and 1 <= b < len(teacher.ids):
+                    out.append((a, b, matched))
     return out
+
+
+def _split_identical(g: Group, student_ids: list[int], teacher_ids: list[int], vocab: VocabularyMap) -> list[tuple[int, int, bool]]:
+    """A group as (student index, teacher index, matched) of its first tokens; a group of n tokens on each
+    side that are the same bytes pairwise (a character that both split into the same byte tokens) is n
+    matched groups of one: after each of those tokens both models have read the same bytes."""
+    n = g.student_tokens
+    pairs = [(g.student + i, g.teacher + i) for i in range(n)] if n == g.teacher_tokens else []
+    within = all(a < len(student_ids) and b < len(teacher_ids) for a, b in pairs)
+    if pairs and within and all(vocab.matched(teacher_ids[b], student_ids[a]) for a, b in pairs):
+        return [(a, b, True) for a, b in pairs]
+    one = g.student_tokens == 1 and g.teacher_tokens == 1
+    within = g.student < len(student_ids) and g.teacher < len(teacher_ids)
+    return [(g.student, g.teacher, one and within and vocab.matched(teacher_ids[g.teacher], student_ids[g.student]))]
 
 
 # -- the two vocabularies -------------------------------------------------------------------------

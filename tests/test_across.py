@@ -1,0 +1,250 @@
+"""Distillation across tokenizers: the alignment of two real tokenisations, the objectives' batch
+plumbing, the preflight, and whole runs (kdlab/data/alignment.py, kdlab/losses/across.py)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from examples.tiny_pair import build, tokenizer as family_tokenizer
+from kdlab.data.alignment import Piece, VocabularyMap, align
+from kdlab.data.files import Encoder, Encoding, Source
+from kdlab.losses.across import gold, uld
+from kdlab.losses.base import AlignedKDBatch, KDBatch
+from kdlab.losses.divergences import TokenKD, forward_kl
+from kdlab.train import run
+from tests.test_hf_models import CHAT, ROOT, SMALL, hf_cfg
+
+TEXTS = [
+    "Héllo  wörld, 東京 is 🙂 big.\n  x = 1",
+    "  leading spaces, tabs\tand\n\nnew lines; naïve café — déjà vu 😀😀 ok",
+    "def f(x):\n    return x ** 2  # 平方\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: family_tokenizer(name) for name in ("qwen2", "llama", "gpt2")}
+
+
+def encode(student, teacher, fmt, record, max_length=512):
+    encoder = Encoder(student, Encoding(max_length), Source(Path("x.jsonl"), "d"), fmt, teacher, VocabularyMap(teacher, student))
+    out = encoder({k: [v] for k, v in record.items()}, [0])
+    return out["input_ids"][0], out["teacher_ids"][0], [tuple(a) for a in out["aligned"][0]], encoder
+
+
+def squeeze(text: str) -> str:
+    return "".join(text.split())  # SentencePiece decodes a leading "▁" as nothing: compare without whitespace
+
+
+def check_groups(student_tok, teacher_tok, ids, teacher_ids, aligned, vocab):
+    """Consecutive groups decode to the same text on both sides, never split a character, and a matched group is one same-string token."""
+    assert aligned, "no aligned group"
+    bounds = list(zip(aligned, aligned[1:] + [(len(ids), len(teacher_ids), False)]))
+    for (s, t, matched), (s2, t2, _) in bounds[:-1]:  # the last group is the end-of-turn tail, special tokens on both sides
+        ours, theirs = student_tok.decode(ids[s:s2]), teacher_tok.decode(teacher_ids[t:t2])
+        assert "\ufffd" not in ours and "\ufffd" not in theirs, (ours, theirs)  # no cut inside a multi-byte character
+        assert squeeze(ours) == squeeze(theirs), (ours, theirs)
+        if matched:
+            assert s2 - s == 1 and t2 - t == 1 and vocab.student_bytes[ids[s]] == vocab.teacher_bytes[teacher_ids[t]]
+    assert all(s >= 1 and t >= 1 for s, t, _ in aligned)
+
+
+@pytest.mark.parametrize("student,teacher", [("llama", "qwen2"), ("gpt2", "qwen2"), ("qwen2", "llama"), ("gpt2", "llama")])
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_records_align_on_multibyte_whitespace_and_bos_with_real_tokenizers(tokenizers, student, teacher, text):
+    s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+    ids, teacher_ids, aligned, encoder = encode(s_tok, t_tok, "text", {"text": text})
+    check_groups(s_tok, t_tok, ids, teacher_ids, aligned, encoder.vocab)
+    # the tail pairs the two end-of-sequence tokens, and most of the text is matched one token to one
+    assert aligned[-1][:2] == (len(ids) - 1, len(teacher_ids) - 1)
+    assert sum(m for *_, m in aligned) >= len(aligned) // 3
+
+
+def test_bos_on_one_side_only_skips_the_group_the_other_side_cannot_predict(tokenizers):
+    s_tok = family_tokenizer("llama")
+    s_tok.add_bos_token = True  # <s> text </s> against Qwen's text <|endoftext|>
+    ids, teacher_ids, aligned, _ = encode(s_tok, tokenizers["qwen2"], "text", {"text": "Hello world"})
+    assert ids[0] == s_tok.bos_token_id and teacher_ids[0] != s_tok.bos_token_id
+    # the student predicts "Hello" from <s>, the teacher has nothing to predict its first token from
+    assert aligned[0][0] >= 2 and aligned[0][1] >= 1
+
+
+@pytest.mark.parametrize("student,teacher", [("llama", "qwen2"), ("qwen2", "llama")])
+def test_chat_records_align_through_two_different_chat_templates(tokenizers, student, teacher):
+    s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+    messages = [{"role": "user", "content": "Où est 東京?"}, {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "And?"}, {"role": "assistant", "content": " Tokyo 🙂 est au Japon, naïvement."}]
+    ids, teacher_ids, aligned, encoder = encode(s_tok, t_tok, "messages", {"messages": messages})
+    assert len(ids) != len(teacher_ids)  # [INST] ... [/INST] against ChatML: different prompts
+    # both answers are aligned, each up to its own end-of-turn token
+    ends = {s_tok.convert_ids_to_tokens(ids[s]) for s, _, _ in aligned} & {"</s>", "<|im_end|>"}
+    assert ends and sum(1 for s, _, _ in aligned if ids[s] in s_tok.all_special_ids) == 2
+    second = [a for a in aligned if a[0] > next(s for s, _, _ in aligned if ids[s] in s_tok.all_special_ids)]
+    check_groups(s_tok, t_tok, ids, teacher_ids, second, encoder.vocab)
+
+
+def test_one_tokenizer_on_both_sides_aligns_every_token_one_to_one(tokenizers):
+    tok = tokenizers["qwen2"]
+    ids, teacher_ids, aligned, _ = encode(tok, tok, "text", {"text": TEXTS[0]})
+    assert ids == teacher_ids
+    assert [(s, t) for s, t, _ in aligned] == [(i, i) for i in range(1, len(ids))]
+    assert all(m for *_, m in aligned[:-1]) and not aligned[-1][2]  # the end token is special: not a string
+
+
+def test_align_walks_overlapping_and_gapped_ranges():
+    # student: "ab" | "c" (a split character: two pieces over [2, 3)) ; teacher: "a" | "bc" ; a gap before "d"
+    student = [Piece(1, 0, 2), Piece(2, 2, 3), Piece(3, 2, 3), Piece(4, 4, 5)]
+    teacher = [Piece(1, 0, 1), Piece(2, 1, 3), Piece(3, 3, 5)]
+    groups = [(g.student, g.teacher, g.student_tokens, g.teacher_tokens) for g in align(student, teacher, 5)]
+    assert groups == [(1, 1, 3, 2), (4, 3, 1, 1)]
+
+
+def test_truncated_records_keep_only_groups_both_sides_hold(tokenizers):
+    s_tok, t_tok = tokenizers["llama"], tokenizers["qwen2"]
+    ids, teacher_ids, aligned, _ = encode(s_tok, t_tok, "text", {"text": TEXTS[1] * 4}, max_length=24)
+    assert len(ids) == 24 and len(teacher_ids) == 24
+    assert aligned and all(s < 24 and t < 24 for s, t, _ in aligned)
+
+
+def test_shared_vocabulary_prefers_merged_tokens_and_skips_special_ones(tokenizers):
+    vocab = VocabularyMap(tokenizers["qwen2"], tokenizers["llama"])
+    llama = tokenizers["llama"]
+    comma = llama.convert_tokens_to_ids(",")
+    assert vocab.student_ids[vocab.teacher_ids.tolist().index(tokenizers["qwen2"].convert_tokens_to_ids(","))] == comma
+    specials = set(tokenizers["qwen2"].all_special_ids)
+    assert not specials & set(vocab.teacher_ids.tolist())
+    assert len(vocab) > 10_000
+
+
+# -- the objectives on an aligned batch ------------------------------------------------------------
+def aligned_batch(n=7, vs=11, vt=13, groups=(0, 2, 3, 6), matched=(True, False, True, False), shared=9, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(1, n, vs, generator=g, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(1, len(groups), vt, generator=g, dtype=dtype)
+    labels = torch.randint(0, vs, (1, n), generator=g)
+    perm = torch.randperm(vt, generator=g)[:shared]
+    return AlignedKDBatch(
+        student_logits=student, teacher_logits=teacher, labels=labels, num_tokens=torch.tensor(float(n)),
+        aligned_rows=torch.tensor(groups), matched=torch.tensor(matched),
+        shared_vocab=(perm, torch.randperm(vs, generator=g)[:shared]),
+    )
+
+
+def test_the_hybrid_is_the_token_level_divergence_when_both_tokenizers_are_the_same():
+    v = 17
+    batch = aligned_batch(n=9, vs=v, vt=v, groups=tuple(range(9)), matched=(True,) * 9)
+    batch.teacher_logits = torch.randn(1, 9, v, dtype=torch.float64)
+    batch.shared_vocab = (torch.arange(v), torch.arange(v))
+    for ce_weight, weight in ((0.0, 1.0), (1.0, 1.5)):
+        ours = gold(ce_weight=ce_weight, weight=weight, chunk_size=None)(batch)
+        reference = TokenKD(forward_kl, ce_weight=ce_weight, kd_weight=weight)(
+            KDBatch(student_logits=batch.student_logits, teacher_logits=batch.teacher_logits, labels=batch.labels, num_tokens=batch.num_tokens)
+        )
+        assert ours.loss.item() == pytest.approx(reference.loss.item(), rel=1e-12)
+        g1, g2 = torch.autograd.grad(ours.loss, batch.student_logits)[0], torch.autograd.grad(reference.loss, batch.student_logits)[0]
+        assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_uld_term_is_the_sum_over_groups_over_the_student_tokens_and_chunks_exactly():
+    from kdlab.losses.uld import uld_distance
+
+    batch = aligned_batch()
+    dense = uld(chunk_size=None)(batch)
+    by_hand = uld_distance(batch.student_logits[0, batch.aligned_rows], batch.teacher_logits[0]).sum() / 7
+    ce = torch.nn.functional.cross_entropy(batch.student_logits[0], batch.labels[0])
+    assert dense.loss.item() == pytest.approx(1.0 * ce.item() + 1.5 * by_hand.item(), rel=1e-12)
+    assert dense.per_token.sum().item() / 7 == pytest.approx(dense.loss.item(), rel=1e-10)
+    chunked = uld(chunk_size=1)(batch)
+    assert chunked.loss.item() == pytest.approx(dense.loss.item(), rel=1e-12)
+    g1 = torch.autograd.grad(dense.loss, batch.student_logits)[0]
+    g2 = torch.autograd.grad(chunked.loss, batch.student_logits)[0]
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-13)
+
+
+def test_the_hybrid_splits_groups_into_shared_divergence_and_uld():
+    from kdlab.losses.uld import shared_vocab_divergence, uld_distance
+
+    batch = aligned_batch()
+    out = gold(ce_weight=0.0, weight=1.0, chunk_size=None)(batch)
+    rows, matched = batch.aligned_rows, batch.matched
+    t_ids, s_ids = batch.shared_vocab
+    shared = shared_vocab_divergence(batch.student_logits[0, rows[matched]], batch.teacher_logits[0, matched], s_ids, t_ids, forward_kl)
+    rest = uld_distance(batch.student_logits[0, rows[~matched]], batch.teacher_logits[0, ~matched])
+    assert out.loss.item() == pytest.approx((shared.sum() + rest.sum()).item() / 7, rel=1e-12)
+    assert set(out.logs) == {"uld", "shared_kd", "kd"}
+
+
+def test_uld_reads_the_teacher_cache_view_and_gold_refuses_it():
+    from kdlab.losses.sparse import sparse_teacher
+
+    batch = aligned_batch()
+    assert uld().needs.sparse_teacher and not gold().needs.sparse_teacher
+    sparse = sparse_teacher(batch.teacher_logits, k=13)  # k = V: no tail, the cache is exact
+    exact = uld(chunk_size=None)(batch).loss
+    cached = AlignedKDBatch(**{**batch.__dict__, "teacher_logits": None, "teacher_sparse": sparse})
+    assert uld(chunk_size=None)(cached).loss.item() == pytest.approx(exact.item(), rel=1e-9)
+
+
+# -- the preflight ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cross_pair(tmp_path_factory):
+    """A tiny Qwen2 teacher (ChatML, 151,669 tokens) and a tiny Llama student (Mistral's [INST] format, 32,000 tokens)."""
+    return build("qwen2", tmp_path_factory.mktemp("cross-pair"), student_family="llama")
+
+
+def test_a_same_vocabulary_objective_on_two_tokenizers_is_refused_naming_the_cross_tokenizer_ones(tmp_path, cross_pair):
+    teacher, student = cross_pair
+    with pytest.raises(ValueError, match=r"maps \d+ of the .* loss=uld or loss=gold"):
+        run(hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", "loss=fkl"))
+
+
+def test_an_objective_across_tokenizers_needs_file_data(tiny_cfg):
+    with pytest.raises(ValueError, match="data=files or data=python_corpus"):
+        run(tiny_cfg("loss=uld"))
+
+
+# -- whole runs --------------------------------------------------------------------------------------
+def test_a_run_across_tokenizers_trains_evaluates_without_teacher_metrics_and_exports(tmp_path, cross_pair, caplog):
+    teacher, student = cross_pair
+    caplog.set_level("INFO")
+    metrics = run(hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", "loss=gold", "logger=csv"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert "test/ppl" in metrics and not any("teacher" in k or "agree" in k for k in metrics)
+    assert "teacher perplexity, agreement and outputs are left out" in caplog.text
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("train/shared_kd")]
+    assert logged and all(float(r["train/uld"]) >= 0 for r in logged if r.get("train/uld"))
+    exported = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    assert len(exported) == 32000 and "[INST]" in exported.chat_template  # the student's own tokenizer and template
+
+
+@pytest.mark.slow
+def test_a_sweep_across_tokenizers_exports_students_that_answer_through_their_own_template(tmp_path, cross_pair):
+    teacher, student = cross_pair
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "kdlab.train", "-m", "model=hf", f"model.teacher.path={teacher}", f"model.student.path={student}",
+           f"data.train={CHAT}", "loss=ce,uld,gold", *SMALL, f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["overrides"] for r in rows][:3] == ["loss=ce", "loss=uld", "loss=gold"]
+    assert all(float(r["test/ppl"]) > 1 for r in rows[:3])
+    for job in ("1", "2"):
+        exported = sweep / job / "student"
+        model = AutoModelForCausalLM.from_pretrained(exported)
+        tok = AutoTokenizer.from_pretrained(exported)
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}], add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+        assert tok.decode(ids[0]).startswith("<s> [INST]")
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.shape[1] > ids.shape[1]
+        eos = model.generation_config.eos_token_id  # its turn ends at the student's own end-of-turn token
+        assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
