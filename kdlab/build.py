@@ -1,14 +1,47 @@
-"""Config → models: the teacher and the student of a run, CE-trained first (and cached) where asked."""
+"""Config → models: the tokenizers, the teacher and the student of a run, CE-trained first (and cached) where asked."""
 
 from __future__ import annotations
+
+import logging
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdlab.cache import cache_key, data_fingerprint
+from kdlab.data.alignment import VocabularyMap
 from kdlab.data.files import tokenizer_fingerprint
-from kdlab.models import check_positions
+from kdlab.losses.base import Needs
+from kdlab.models import check_positions, check_tokenizers
 from kdlab.warm_start import load_or_train
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizers(cfg: DictConfig, needs: Needs):
+    """``(teacher tokenizer, student tokenizer, VocabularyMap or None)``.
+
+    The student reads the teacher's tokenizer unless its folder has its own that differs; that is
+    refused (kdlab.models.check_tokenizers) unless the objective works across tokenizers
+    (``Needs.aligned``) or reads no teacher (``loss=ce``). An aligned objective gets the two
+    vocabularies' shared tokens, and the data is then encoded by both tokenizers.
+    """
+    teacher_tokenizer = instantiate(cfg.model.tokenizer)
+    tokenizer = check_tokenizers(teacher_tokenizer, cfg.model.student.get("path"), across=needs.aligned or not needs.teacher)
+    if tokenizer is not teacher_tokenizer and "ddk" in (cfg.get("callbacks") or {}):
+        raise ValueError(
+            "data/mixing=ddk weights domains by the student/teacher perplexity ratio, and with two tokenizers the "
+            "teacher's perplexity is over other tokens (not comparable): use data/mixing=uniform or static"
+        )
+    if not needs.aligned:
+        return teacher_tokenizer, tokenizer, None
+    if not str(cfg.data.get("_target_", "")).startswith(("kdlab.data.files.", "kdlab.data.corpus.")):
+        raise ValueError(
+            f"this objective distils across tokenizers, which needs text both tokenizers encode: data=files or "
+            f"data=python_corpus (not {cfg.data.get('_target_')}); for the built-in suite use a token-level loss such as loss=fkl"
+        )
+    vocabulary = VocabularyMap(teacher_tokenizer, tokenizer)
+    log.info("across tokenizers: %d teacher tokens, %d student tokens, %d shared", vocabulary.teacher_size, len(tokenizer), len(vocabulary))
+    return teacher_tokenizer, tokenizer, vocabulary
 
 
 def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):

@@ -28,12 +28,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
-from kdlab.build import build_model
+from kdlab.build import build_model, build_tokenizers
 from kdlab.callbacks.throughput import Throughput
-from kdlab.data.alignment import VocabularyMap
 from kdlab.errors import USER_ERROR, missing_plugin, show_user_error
 from kdlab.losses.base import needs_of
-from kdlab.models import check_causal, check_tokenizers, distillation_vocab_size, parameter_count
+from kdlab.models import check_causal, distillation_vocab_size, parameter_count
 from kdlab.module import DistillModule
 from kdlab.preflight import check_batches, check_cache_dir, check_free_space, check_run, check_trained
 from kdlab.resume import checkpoint_to_resume, last_checkpoint, logger_kwargs, save_config, save_logger_id
@@ -79,25 +78,6 @@ def training_only(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def across_tokenizers(cfg: DictConfig, teacher_tokenizer, student_tokenizer) -> VocabularyMap:
-    """The two vocabularies' shared tokens, for an objective across tokenizers; only file data (data=files,
-    data=python_corpus) is encoded by both tokenizers (the built-in suite has one character-level tokenizer)."""
-    data = cfg.data
-    if "ddk" in (cfg.get("callbacks") or {}):
-        raise ValueError(
-            "data/mixing=ddk weights domains by the student/teacher perplexity ratio, and across tokenizers the "
-            "teacher's perplexity is over other tokens (not comparable): use data/mixing=uniform or static"
-        )
-    if not str(data.get("_target_", "")).startswith(("kdlab.data.files.", "kdlab.data.corpus.")):
-        raise ValueError(
-            f"this objective distils across tokenizers, which needs text both tokenizers encode: data=files or "
-            f"data=python_corpus (not {data.get('_target_')}); for the built-in suite use a token-level loss such as loss=fkl"
-        )
-    vocabulary = VocabularyMap(teacher_tokenizer, student_tokenizer)
-    log.info("across tokenizers: %d teacher tokens, %d student tokens, %d shared", vocabulary.teacher_size, len(student_tokenizer), len(vocabulary))
-    return vocabulary
-
-
 def run(cfg: DictConfig) -> dict[str, float]:
     """One distillation run; returns its final metrics (also written to ``metrics.json``)."""
     # Everything a user can get wrong is checked before a model is built or trained.
@@ -109,25 +89,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
     (out_dir / FAILED).unlink(missing_ok=True)  # a job continued in place is no longer the failed one
     L.seed_everything(cfg.seed, workers=True)
     loss = instantiate(cfg.loss)
-    teacher_tokenizer = instantiate(cfg.model.tokenizer)
-    # across tokenizers (an aligned objective) the student reads its own tokenizer, the teacher its own
-    across = needs_of(loss).aligned
-    tokenizer = check_tokenizers(teacher_tokenizer, cfg.model.student.get("path"), across=across)
-    vocabulary = across_tokenizers(cfg, teacher_tokenizer, tokenizer) if across else None
+    needs = needs_of(loss)
+    teacher_tokenizer, tokenizer, vocabulary = build_tokenizers(cfg, needs)
+    own_tokenizer = tokenizer is not teacher_tokenizer  # the student reads its own (another family's)
     cache_k = teacher_cache.check_request(cfg.get("teacher_cache"), loss, len(teacher_tokenizer))  # refusals before data or models
     if cache_k:
         check_cache_dir(cfg.paths.cache_dir)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, **({"across": vocabulary} if across else {}))
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, **({"across": vocabulary} if vocabulary is not None else {}))
     check_batches(datamodule, cfg.data.batch_size, cfg.trainer.get("accumulate_grad_batches", 1))
     eval_settings = instantiate(cfg.eval) if cfg.get("eval") else None
-    if needs_of(loss).rollouts is not None and not any(r.prompt_len for r in datamodule.records["train"]):
+    if needs.rollouts is not None and not any(r.prompt_len for r in datamodule.records["train"]):
         raise ValueError(f"{type(loss).__name__} samples responses to the data's prompts, and the training data has none (plain text only)")
-    teacher = build_model(cfg, "teacher", teacher_tokenizer, datamodule)
+    # a teacher that reads other tokens and is not needed (loss=ce beside a sweep across tokenizers) is not built:
+    # it would be no reference on the student's tokens
+    teacher = build_model(cfg, "teacher", teacher_tokenizer, datamodule) if needs.teacher or not own_tokenizer else None
     student = build_model(cfg, "student", tokenizer, datamodule)
     for role, model in (("teacher", teacher), ("student", student)):
-        check_causal(model, role, cfg.model[role].get("path", ""))
-    vocab_size = distillation_vocab_size(teacher, student, tokenizer) if not across else min(len(tokenizer), student.get_output_embeddings().weight.shape[0])
-    log.info("teacher: %.2fM parameters, student: %.2fM parameters", parameter_count(teacher) / 1e6, parameter_count(student) / 1e6)
+        if model is not None:
+            check_causal(model, role, cfg.model[role].get("path", ""))
+    rows = student.get_output_embeddings().weight.shape[0]
+    vocab_size = min(len(tokenizer), rows) if own_tokenizer else distillation_vocab_size(teacher, student, tokenizer)
+    log.info("teacher: %s, student: %.2fM parameters", f"{parameter_count(teacher) / 1e6:.2f}M parameters" if teacher is not None else "not used",
+             parameter_count(student) / 1e6)
     check_free_space(out_dir, student, checkpoints=cfg.trainer.get("enable_checkpointing", True) is not False)
     logger = instantiate(cfg.logger, **logger_kwargs(cfg, out_dir, resuming=ckpt_path is not None)) if cfg.get("logger") else False
     if logger:
@@ -140,7 +123,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     # the teacher cache: one teacher pass over the training records (or the stored one), read by the training steps
-    teacher_vocab = vocabulary.teacher_size if across else vocab_size
+    teacher_vocab = vocabulary.teacher_size if vocabulary is not None else vocab_size
     signals = teacher_cache.for_run(cfg, loss, teacher, teacher_tokenizer, datamodule, teacher_vocab, trainer) if cache_k else None
     module = DistillModule(
         student, teacher, loss, tokenizer, vocab_size=vocab_size, eval_settings=eval_settings, teacher_signals=signals,

@@ -243,7 +243,7 @@ def test_a_sweep_across_tokenizers_exports_students_that_answer_through_their_ow
         tok = AutoTokenizer.from_pretrained(exported)
         ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Peru?"}], add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
-        assert tok.decode(ids[0]).startswith("<s> [INST]")
+        assert tok.decode(ids[0]).startswith("<s>[INST]")  # its own format, not the teacher's ChatML
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
         assert out.shape[1] > ids.shape[1]
         eos = model.generation_config.eos_token_id  # its turn ends at the student's own end-of-turn token
