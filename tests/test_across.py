@@ -47,11 +47,12 @@ def check_groups(student_tok, teacher_tok, ids, teacher_ids, aligned, vocab):
     assert aligned, "no aligned group"
     bounds = list(zip(aligned, aligned[1:] + [(len(ids), len(teacher_ids), False)]))
     for (s, t, matched), (s2, t2, _) in bounds[:-1]:  # the last group is the end-of-turn tail, special tokens on both sides
+        if matched:  # one token each, the same bytes (also a byte of a character both split alike)
+            assert s2 - s == 1 and t2 - t == 1 and vocab.student_bytes[ids[s]] == vocab.teacher_bytes[teacher_ids[t]]
+            continue
         ours, theirs = student_tok.decode(ids[s:s2]), teacher_tok.decode(teacher_ids[t:t2])
         assert "\ufffd" not in ours and "\ufffd" not in theirs, (ours, theirs)  # no cut inside a multi-byte character
         assert squeeze(ours) == squeeze(theirs), (ours, theirs)
-        if matched:
-            assert s2 - s == 1 and t2 - t == 1 and vocab.student_bytes[ids[s]] == vocab.teacher_bytes[teacher_ids[t]]
     assert all(s >= 1 and t >= 1 for s, t, _ in aligned)
 
 
@@ -248,3 +249,51 @@ def test_a_sweep_across_tokenizers_exports_students_that_answer_through_their_ow
         assert out.shape[1] > ids.shape[1]
         eos = model.generation_config.eos_token_id  # its turn ends at the student's own end-of-turn token
         assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
+
+
+def test_uld_trains_from_the_teacher_cache_at_the_aligned_positions(tmp_path, cross_pair, cache_dir):
+    teacher, student = cross_pair
+    cfg = hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", "loss=uld", "teacher_cache.k=16", "logger=csv")
+    cfg.paths.cache_dir = str(cache_dir)
+    metrics = run(cfg)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        assert [r for r in csv.DictReader(f) if r.get("train/uld")]
+    with pytest.raises(ValueError, match="reads the teacher's dense logits"):
+        run(hf_cfg(tmp_path / "gold", teacher, student, f"data.train={CHAT}", "loss=gold", "teacher_cache.k=16"))
+
+
+def test_the_cache_reads_the_teacher_where_the_aligned_step_does(tokenizers):
+    from kdlab.data.datamodule import KDDataModule
+    from kdlab.data.records import Record
+
+    s_tok, t_tok = tokenizers["llama"], tokenizers["qwen2"]
+    records = []
+    for text in TEXTS:
+        ids, teacher_ids, aligned, _ = encode(s_tok, t_tok, "text", {"text": text})
+        records.append(Record(tuple(ids), (True,) * len(ids), 0, "d", teacher_ids=tuple(teacher_ids), aligned=tuple(aligned)))
+    held = [Record((1, 2), (True, True), 0, "d", teacher_ids=(3, 4), aligned=((1, 1, False),))]
+    dm = KDDataModule({"train": records, "val": held, "test": held}, s_tok, max_length=512)
+    batch = dm.collate([{"record": r, "index": i} for i, r in enumerate(records)])
+    cached = dm.teacher_sequences(records)
+    assert torch.equal(cached["input_ids"], batch["teacher_input_ids"])
+    assert torch.equal(cached["labels"] != -100, batch["kd_teacher"])
+    assert [dm.teacher_positions(r) for r in records] == [len(r.aligned) for r in records]
+    assert int(batch["kd_student"].sum()) == int(batch["kd_teacher"].sum()) == sum(len(r.aligned) for r in records)
+
+
+@pytest.mark.slow
+def test_smollm2_aligns_with_qwen_llama_and_gpt2_on_text_and_chat(tokenizers, cache_dir):
+    from kdlab.gguf import smollm2_file
+    from kdlab.models import load_tokenizer
+
+    smol = load_tokenizer(gguf_file=smollm2_file(), cache_dir=str(cache_dir))
+    for name, other in tokenizers.items():
+        for student, teacher in ((other, smol), (smol, other)):
+            for text in TEXTS:
+                ids, teacher_ids, aligned, encoder = encode(student, teacher, "text", {"text": text})
+                check_groups(student, teacher, ids, teacher_ids, aligned, encoder.vocab)
+            if student.chat_template and teacher.chat_template:  # SmolLM2's ChatML (with its system prompt) against the other's
+                messages = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": TEXTS[1]}]
+                ids, teacher_ids, aligned, encoder = encode(student, teacher, "messages", {"messages": messages})
+                check_groups(student, teacher, ids, teacher_ids, aligned, encoder.vocab)

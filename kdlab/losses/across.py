@@ -6,7 +6,7 @@ each compared with the student row ``aligned_rows[g]`` where both models have re
 
     L = ce_weight · (1/N) Σ_n −log q(y_n)  +  weight · (1/N) Σ_g d_g
 
-- ``loss=uld`` (Boizard et al. 2024, arXiv 2402.12030, Eq. 5-6): d_g = Σ_i |q_(i) − p_(i)|, the
+- ``loss=uld`` (Boizard et al. 2024, arXiv 2402.12030, §3): d_g = Σ_i |q_(i) − p_(i)|, the
   L1 distance between the two distributions sorted in descending order, the shorter zero-padded:
   the closed form of the Wasserstein-1 distance under a uniform transport cost, which needs no
   token correspondence at all. The paper's setting: ce_weight 1, weight (λ) 1.5, τ = 1 for both.

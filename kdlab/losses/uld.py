@@ -42,10 +42,18 @@ def _probs(logits: Tensor, temperature: float, name: str) -> Tensor:
 def _check_rows(student: Tensor, teacher_rows: tuple[int, ...]) -> None:
     # both sides are compared row by row; a broadcast (one teacher row against G student rows) would be silent
     if tuple(student.shape[:-1]) != tuple(teacher_rows):
-        raise ValueError(f"the student has rows {tuple(student.shape[:-1])}, the teacher {tuple(teacher_rows)}: they must match")
+        raise ValueError(
+            f"the student has rows {tuple(student.shape[:-1])}, the teacher {tuple(teacher_rows)}: they must match"
+        )
 
 
-def uld_distance(student_logits: Tensor, teacher_logits: Tensor, *, student_temperature: float = 1.0, teacher_temperature: float = 1.0) -> Tensor:
+def uld_distance(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+) -> Tensor:
     """ULD per row: (G, V_s) and (G, V_t) logits → (G,). Gradients reach the student's logits only.
 
     Computed in float32 at least (float64 stays float64). The first m = min(V_s, V_t) sorted entries
@@ -114,7 +122,10 @@ def shared_vocab_divergence(
     ``arange(V)`` on both sides (one tokenizer) it is the divergence of the full rows, exactly.
     """
     if student_ids.ndim != 1 or student_ids.shape != teacher_ids.shape:
-        raise ValueError(f"student_ids {tuple(student_ids.shape)} and teacher_ids {tuple(teacher_ids.shape)} must be two (S,) lists of ids")
+        raise ValueError(
+            f"student_ids {tuple(student_ids.shape)} and teacher_ids {tuple(teacher_ids.shape)}: "
+            "expected two (S,) lists of ids"
+        )
     if student_ids.numel() == 0:
         # the divergences would sum over an empty vocabulary and return 0 as if the distributions agreed
         raise ValueError("the vocabularies share no token: there is no distribution to compare")
