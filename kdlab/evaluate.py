@@ -62,12 +62,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"splits {unknown} are unknown; choose from [val, test]")
     warn_if_settings_differ(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer = instantiate(cfg.model.tokenizer)
+    teacher_tokenizer = instantiate(cfg.model.tokenizer)
+    # a student distilled across tokenizers reads its own: it is then scored alone, since the
+    # teacher's per-token metrics would be over other tokens
+    tokenizer = check_tokenizers(teacher_tokenizer, cfg.student, across=True)
+    use_teacher = cfg.use_teacher and tokenizer is teacher_tokenizer
+    if cfg.use_teacher and not use_teacher:
+        log.info("the student has its own tokenizer (another family's than the teacher's): it is evaluated without the teacher")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    check_tokenizers(tokenizer, cfg.student)
     student = from_pretrained(cfg.student, role="student")
     check_causal(student, "student", cfg.student)
-    teacher = build_model(cfg, "teacher", tokenizer, datamodule) if cfg.use_teacher else None
+    teacher = build_model(cfg, "teacher", tokenizer, datamodule) if use_teacher else None
     vocab_size = distillation_vocab_size(teacher, student, tokenizer) if teacher is not None else None
     module = DistillModule(
         student, teacher, loss=None, tokenizer=tokenizer, vocab_size=vocab_size, eval_settings=instantiate(cfg.eval)

@@ -224,6 +224,20 @@ def test_a_run_across_tokenizers_trains_evaluates_without_teacher_metrics_and_ex
     exported = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
     assert len(exported) == 32000 and "[INST]" in exported.chat_template  # the student's own tokenizer and template
 
+    # kdlab.evaluate scores the exported student on its own tokens, as the run did, without the teacher
+    from hydra import compose, initialize_config_dir
+
+    from kdlab.evaluate import evaluate
+    from tests.conftest import CONF_DIR
+
+    data = [o for o in SMALL if o.startswith(("data", "eval"))]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        ecfg = compose("evaluate", overrides=["model=hf", f"model.teacher.path={teacher}", f"model.student.path={student}", *data,
+                                              f"data.train={CHAT}", "trainer.accelerator=cpu", f"student={tmp_path / 'run' / 'student'}"])
+    ecfg.paths.output_dir = str(tmp_path / "eval")
+    scored = evaluate(ecfg)
+    assert scored["test/ppl"] == pytest.approx(metrics["test/ppl"], rel=1e-5) and not any("teacher" in k for k in scored)
+
 
 @pytest.mark.slow
 def test_a_sweep_across_tokenizers_exports_students_that_answer_through_their_own_template(tmp_path, cross_pair):
