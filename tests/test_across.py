@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from examples.tiny_pair import build, tokenizer as family_tokenizer
+from examples.tiny_pair import build
+from examples.tiny_pair import tokenizer as family_tokenizer
 from kdlab.data.alignment import Piece, VocabularyMap, align
 from kdlab.data.files import Encoder, Encoding, Source
 from kdlab.losses.across import gold, uld

@@ -30,9 +30,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from kdlab.data.records import Encoded
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def pieces(offsets, indices, start: int, length: int) -> list[Piece]:
     return out
 
 
-def aligned_positions(student: "Encoded", teacher: "Encoded", vocab: VocabularyMap) -> list[tuple[int, int, bool]]:
+def aligned_positions(student: Encoded, teacher: Encoded, vocab: VocabularyMap) -> list[tuple[int, int, bool]]:
     """(student index, teacher index, matched) of the first token of every group of the two encodings'
     segments (the k-th response of one with the k-th of the other), for groups whose first token both
     sequences hold and have context for (index >= 1: a sequence's first token is predicted from nothing)."""

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from kdlab.data.datamodule import KDDataModule
 from kdlab.data.alignment import VocabularyMap, aligned_positions, pieces
+from kdlab.data.datamodule import KDDataModule
 from kdlab.data.records import Encoded, Record, json_lines, utf8_lines
 
 log = logging.getLogger(__name__)

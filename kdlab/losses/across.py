@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.base import AlignedKDBatch, KDBatch, LossOutput, Needs, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, chunked
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
 from kdlab.losses.divergences import cross_entropy, forward_kl
 from kdlab.losses.uld import shared_vocab_divergence, uld_distance, uld_sparse_distance
 
