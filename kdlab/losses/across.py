@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kdlab.losses.base import AlignedKDBatch, KDBatch, LossOutput, Needs, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
-from kdlab.losses.divergences import cross_entropy, forward_kl
+from kdlab.losses.divergences import CrossEntropy, forward_kl
 from kdlab.losses.uld import shared_vocab_divergence, uld_distance, uld_sparse_distance
 
 
@@ -102,12 +102,11 @@ class AcrossTokenizers:
                 per_token[0, rows[picked]] += self.weight * out.per_token.reshape(-1).to(dtype)
             logs["kd"] = kd.detach()
             loss = loss + self.weight * kd
-        if self.ce_weight > 0:
-            ce_per_token = cross_entropy(student, batch.labels)
-            ce = masked_mean(ce_per_token, batch.mask, num_tokens)
-            logs["ce"] = ce.detach()
-            loss = loss + self.ce_weight * ce
-            per_token = per_token + self.ce_weight * ce_per_token.detach().to(dtype)
+        if self.ce_weight > 0:  # loss=ce's own computation, chunked alike
+            ce = CrossEntropy(self.chunk_size)(KDBatch(student_logits=student, teacher_logits=None, labels=batch.labels, num_tokens=num_tokens))
+            logs["ce"] = ce.loss.detach()
+            loss = loss + self.ce_weight * ce.loss
+            per_token = per_token + self.ce_weight * ce.per_token.to(dtype)
         return LossOutput(loss=loss, logs=logs, per_token=per_token)
 
     @staticmethod
