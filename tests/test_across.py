@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.tiny_pair import build
 from examples.tiny_pair import tokenizer as family_tokenizer
-from kdlab.data.alignment import Piece, VocabularyMap, align
+from kdlab.data.alignment import VocabularyMap, align
 from kdlab.data.files import Encoder, Encoding, Source
+from kdlab.data.records import Piece
 from kdlab.losses.across import gold, uld
 from kdlab.losses.base import AlignedKDBatch, KDBatch
 from kdlab.losses.divergences import TokenKD, forward_kl

@@ -70,7 +70,7 @@ def test_the_installed_package_is_the_wheel_not_this_checkout(installed, tmp_pat
 def test_help_and_the_composed_config_from_another_directory(installed, tmp_path):
     python, _ = installed
     helped = run_elsewhere(python, ["--help"], tmp_path)
-    assert helped.returncode == 0 and "loss: ce, fkl, jsd, minillm" in helped.stdout, helped.stderr[-2000:]
+    assert helped.returncode == 0 and "loss: ce, fkl, gold, jsd, minillm" in helped.stdout, helped.stderr[-2000:]
     job = run_elsewhere(python, ["--cfg", "job", "loss=rlkd", "loss.base=tvd"], tmp_path)
     assert job.returncode == 0, job.stderr[-2000:]
     assert "_target_: kdlab.losses.rlkd.RankingKD" in job.stdout and "chunk_size: auto" in job.stdout

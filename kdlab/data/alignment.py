@@ -30,24 +30,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from kdlab.data.records import Encoded
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A target token of a segment: its index in the sequence and its character range relative to the
-    response's start; the tail (the end-of-turn token and template text after the response) has ``tail``."""
-
-    index: int
-    start: int
-    end: int
-    tail: bool = False
+from kdlab.data.records import Encoded, Piece
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kdlab.data.alignment import Piece
 
 
 @dataclass(frozen=True)
@@ -52,6 +48,17 @@ class Record:
     @property
     def num_targets(self) -> int:
         return sum(self.targets[1:])
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A target token of a segment: its index in the sequence and its character range relative to the
+    response's start; the tail (the end-of-turn token and template text after the response) has ``tail``."""
+
+    index: int
+    start: int
+    end: int
+    tail: bool = False
 
 
 @dataclass
