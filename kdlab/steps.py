@@ -123,7 +123,7 @@ class CachedTeacherStep(Step):
 
 class AlignedStep(Step):
     """Across tokenizers: the student's logits at its labelled positions, and the teacher's, on its own
-    tokenisation, at each aligned group's first position (``kd_teacher``), or the teacher cache's
+    tokenisation, at each aligned group's first position (``teacher_labels``), or the teacher cache's
     rows there; ``kd_student`` says which student row each one is compared with. The teacher runs first."""
 
     def __init__(self, vocabulary, signals=None):
@@ -131,12 +131,10 @@ class AlignedStep(Step):
 
     def __call__(self, module, batch: dict) -> LossOutput:
         mask = batch["labels"] != IGNORE_INDEX
-        groups = batch["kd_teacher"]
+        read_at = batch["teacher_labels"]  # the teacher's next token at each group's first position
+        groups = read_at != IGNORE_INDEX
         teacher_logits = teacher_sparse = None
-        if self.signals is not None:  # laid out by the teacher's tokens at those positions (what the cache checks)
-            ids = batch["teacher_input_ids"]
-            read_at = torch.full_like(ids, IGNORE_INDEX)
-            read_at[:, :-1] = torch.where(groups[:, :-1], ids[:, 1:], IGNORE_INDEX)
+        if self.signals is not None:  # laid out like read_at, which the cache checks against what it stored
             teacher_sparse = self.signals.view(batch["index"], read_at).map(lambda t: t[groups].unsqueeze(0))
         else:
             teacher_batch = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch["teacher_attention_mask"]}

@@ -290,12 +290,14 @@ def test_the_cache_reads_the_teacher_where_the_aligned_step_does(tokenizers):
         records.append(Record(tuple(ids), (True,) * len(ids), 0, "d", teacher_ids=tuple(teacher_ids), aligned=tuple(aligned)))
     held = [Record((1, 2), (True, True), 0, "d", teacher_ids=(3, 4), aligned=((1, 1, False),))]
     dm = KDDataModule({"train": records, "val": held, "test": held}, s_tok, max_length=512)
-    batch = dm.collate([{"record": r, "index": i} for i, r in enumerate(records)])
+    batch = dm._train_collate([{"record": r, "index": i} for i, r in enumerate(records)])
     cached = dm.teacher_sequences(records)
     assert torch.equal(cached["input_ids"], batch["teacher_input_ids"])
-    assert torch.equal(cached["labels"] != -100, batch["kd_teacher"])
+    assert torch.equal(cached["labels"], batch["teacher_labels"])
     assert [dm.teacher_positions(r) for r in records] == [len(r.aligned) for r in records]
-    assert int(batch["kd_student"].sum()) == int(batch["kd_teacher"].sum()) == sum(len(r.aligned) for r in records)
+    kd_teacher = batch["teacher_labels"] != -100
+    assert int(batch["kd_student"].sum()) == int(kd_teacher.sum()) == sum(len(r.aligned) for r in records)
+    assert "teacher_input_ids" not in dm.collate([{"record": records[0], "index": 0}])  # evaluation reads the student alone
 
 
 @pytest.mark.slow

@@ -114,14 +114,11 @@ def _split_identical(g: Group, student_ids: list[int], teacher_ids: list[int], v
     """A group as (student index, teacher index, matched) of its first tokens; a group of n tokens on each
     side that are the same bytes pairwise (a character that both split into the same byte tokens) is n
     matched groups of one: after each of those tokens both models have read the same bytes."""
-    n = g.student_tokens
-    pairs = [(g.student + i, g.teacher + i) for i in range(n)] if n == g.teacher_tokens else []
-    within = all(a < len(student_ids) and b < len(teacher_ids) for a, b in pairs)
-    if pairs and within and all(vocab.matched(teacher_ids[b], student_ids[a]) for a, b in pairs):
-        return [(a, b, True) for a, b in pairs]
-    one = g.student_tokens == 1 and g.teacher_tokens == 1
-    within = g.student < len(student_ids) and g.teacher < len(teacher_ids)
-    return [(g.student, g.teacher, one and within and vocab.matched(teacher_ids[g.teacher], student_ids[g.student]))]
+    # a group's tokens are consecutive target tokens that the (truncated) sequences hold
+    pairs = [(g.student + i, g.teacher + i) for i in range(g.student_tokens)] if g.student_tokens == g.teacher_tokens else []
+    if pairs and all(vocab.matched(teacher_ids[b], student_ids[a]) for a, b in pairs):
+        return [(a, b, True) for a, b in pairs]  # a group of one matched token on each side is the case n = 1
+    return [(g.student, g.teacher, False)]
 
 
 # -- the two vocabularies -------------------------------------------------------------------------
@@ -193,6 +190,7 @@ class VocabularyMap:
         pairs = sorted((t, by_bytes[b]) for b, t in teacher_of.items())
         self.teacher_ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
         self.student_ids = torch.tensor([s for _, s in pairs], dtype=torch.long)
+        self._on_device: dict[str, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.teacher_ids)
@@ -203,4 +201,8 @@ class VocabularyMap:
         return b is not None and student_id < len(self.student_bytes) and self.student_bytes[student_id] == b
 
     def to(self, device) -> tuple[Tensor, Tensor]:
-        return self.teacher_ids.to(device), self.student_ids.to(device)
+        """The shared ids on ``device``, copied there once (every training step asks for them)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.teacher_ids.to(device), self.student_ids.to(device))
+        return self._on_device[key]

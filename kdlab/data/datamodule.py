@@ -192,8 +192,6 @@ class KDDataModule(L.LightningDataModule):
             generate=torch.tensor([r.prompt_len > 0 for r in records]),
             index=torch.tensor([e["index"] for e in items]),
         )
-        if self.aligned:
-            batch.update(self._aligned(records, batch["input_ids"].shape[1]))
         return batch
 
     @property
@@ -203,23 +201,35 @@ class KDDataModule(L.LightningDataModule):
 
     @staticmethod
     def _aligned(records: Sequence[Record], width: int) -> dict:
-        """The teacher's sequences (right-padded; the padding is masked) and the aligned groups as masks
-        over the logits positions that predict each group's first token: ``kd_student`` (B, T),
-        ``kd_teacher`` (B, T_teacher), ``kd_matched`` (B, T). Row-major order pairs them up."""
-        teacher_width = max(len(r.teacher_ids) for r in records)
-        teacher_ids = torch.zeros((len(records), teacher_width), dtype=torch.long)
-        teacher_mask = torch.zeros((len(records), teacher_width), dtype=torch.long)
+        """Across tokenizers, for the aligned step (kdlab/steps.py): the teacher's sequences as
+        :meth:`teacher_sequences` gives them (``teacher_input_ids``, ``teacher_attention_mask``,
+        ``teacher_labels``: where the teacher is read), and over the student's logits positions the
+        groups' first tokens (``kd_student``) and which of them are matched (``kd_matched``). In
+        row-major order the teacher's read positions and ``kd_student`` pair up."""
+        teacher = KDDataModule._teacher_sequences(records)
         kd_student = torch.zeros((len(records), width), dtype=torch.bool)
         kd_matched = torch.zeros((len(records), width), dtype=torch.bool)
-        kd_teacher = torch.zeros((len(records), teacher_width), dtype=torch.bool)
         for i, r in enumerate(records):
-            teacher_ids[i, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
-            teacher_mask[i, : len(r.teacher_ids)] = 1
-            for s, t, matched in r.aligned:
-                kd_student[i, s - 1] = kd_teacher[i, t - 1] = True
+            for s, _, matched in r.aligned:
+                kd_student[i, s - 1] = True
                 kd_matched[i, s - 1] = matched
-        return {"teacher_input_ids": teacher_ids, "teacher_attention_mask": teacher_mask,
-                "kd_student": kd_student, "kd_teacher": kd_teacher, "kd_matched": kd_matched}
+        return {"teacher_input_ids": teacher["input_ids"], "teacher_attention_mask": teacher["attention_mask"],
+                "teacher_labels": teacher["labels"], "kd_student": kd_student, "kd_matched": kd_matched}
+
+    @staticmethod
+    def _teacher_sequences(records: Sequence[Record]) -> dict:
+        """The teacher's own tokenisations, right-padded (the padding is masked), with ``labels``: the
+        teacher's next token at each aligned group's first position (what it predicts there), elsewhere IGNORE_INDEX."""
+        width = max(len(r.teacher_ids) for r in records)
+        input_ids = torch.zeros((len(records), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(records), width), dtype=torch.long)
+        labels = torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(records):
+            input_ids[i, : len(r.teacher_ids)] = torch.tensor(r.teacher_ids)
+            attention_mask[i, : len(r.teacher_ids)] = 1
+            for _, t, _ in r.aligned:
+                labels[i, t - 1] = r.teacher_ids[t]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def _sequences(self, records: Sequence[Record]) -> dict:
         """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (aligned with the logits)."""
@@ -241,13 +251,7 @@ class KDDataModule(L.LightningDataModule):
         """The teacher's inputs for ``records`` and, as ``labels``, the tokens it is read at (elsewhere
         IGNORE_INDEX): the records' own labels, or across tokenizers its own sequences at the aligned
         groups' first positions."""
-        if not self.aligned:
-            return self._sequences(records)
-        fields = self._aligned(records, max(len(r.input_ids) for r in records))
-        ids = fields["teacher_input_ids"]
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        labels[:, :-1] = torch.where(fields["kd_teacher"][:, :-1], ids[:, 1:], IGNORE_INDEX)
-        return {"input_ids": ids, "attention_mask": fields["teacher_attention_mask"], "labels": labels}
+        return self._teacher_sequences(records) if self.aligned else self._sequences(records)
 
     def teacher_positions(self, record: Record) -> int:
         """How many of the record's positions the teacher is read at (:meth:`teacher_sequences`)."""
@@ -255,6 +259,8 @@ class KDDataModule(L.LightningDataModule):
 
     def _train_collate(self, items: list[dict]) -> dict:
         batch = self.collate(items)  # "index": each record's place in records["train"] (the teacher cache's key)
+        if self.aligned:  # only training batches: evaluation reads the student alone
+            batch.update(self._aligned([e["record"] for e in items], batch["input_ids"].shape[1]))
         if self.pretrain:
             batch["plain"] = self._sequences(self._draw_pretrain(len(items)))
         return batch
@@ -363,7 +369,7 @@ def split_batch(batch: dict, k: int) -> list[dict]:
                 micro[key] = micro[key][:, :width]
         if "teacher_attention_mask" in micro:  # the teacher's own tokenisation (across tokenizers)
             width = int(micro["teacher_attention_mask"].sum(-1).max())
-            for key in ("teacher_input_ids", "teacher_attention_mask", "kd_teacher"):
+            for key in ("teacher_input_ids", "teacher_attention_mask", "teacher_labels"):
                 micro[key] = micro[key][:, :width]
         if "prompt_mask" in micro:
             prompt_width = int(micro["prompt_mask"].sum(-1).max())

@@ -48,6 +48,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: a decoding error is located line by line
 ROLES = ("system", "user", "assistant", "tool")
 RECIPE_VERSION = 4  # bump when the encoding below changes: cached tokenisations are then rebuilt
+STATUSES = ("ok", "truncated", "dropped")  # what truncation did to a record, from least to most
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
 
 
@@ -177,7 +178,7 @@ class Encoder:
             teacher_ids, aligned = [], []
             if self.teacher is not None:
                 theirs, their_status = self.teacher.truncate(self.teacher.encode(record, row))
-                status = "dropped" if "dropped" in (status, their_status) else status if status != "ok" else their_status
+                status = max(status, their_status, key=STATUSES.index)  # the record's worst fate on either side
                 teacher_ids, aligned = theirs.ids, [list(a) for a in aligned_positions(encoded, theirs, self.vocab)]
             domain = self.source.domain if self.source.domain is not None else record.get(self.enc.domain_field)
             domain = self.enc.default_domain if domain is None else domain_name(domain, self.source.where(row))
