@@ -33,6 +33,7 @@ from torch import Tensor
 from kdlab.losses.base import AlignedKDBatch, KDBatch, LossOutput, Needs, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
 from kdlab.losses.divergences import CrossEntropy, forward_kl
+from kdlab.losses.dtypes import wide_dtype
 from kdlab.losses.uld import shared_vocab_divergence, uld_distance, uld_sparse_distance
 
 
@@ -86,7 +87,7 @@ class AcrossTokenizers:
         student = batch.student_logits
         rows = batch.aligned_rows
         num_tokens = batch.num_tokens if batch.num_tokens is not None else batch.mask.sum()
-        dtype = torch.promote_types(student.dtype, torch.float32)  # float64 stays float64 (the parity tests)
+        dtype = wide_dtype(student.dtype)
         logs, per_token = {}, torch.zeros(student.shape[:2], dtype=dtype, device=student.device)
         loss = student.new_zeros((), dtype=dtype)
         if self.weight > 0 and rows is not None and rows.numel():

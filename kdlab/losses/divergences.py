@@ -20,6 +20,7 @@ from torch import Tensor
 from kdlab import CONF_DIR
 from kdlab.losses.base import IGNORE_INDEX, KDBatch, LossOutput, Needs, masked_mean
 from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
+from kdlab.losses.dtypes import upcast
 from kdlab.losses.sparse import coarsen
 
 LOSS_CONFIG_DIR = Path(CONF_DIR) / "loss"
@@ -47,16 +48,12 @@ def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def _upcast(x: Tensor) -> Tensor:
-    """float32 for half-precision logits (softmax in bf16 loses the tail); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
 
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_q = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    log_p = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    log_q = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     if labels is not None:
         # a −inf teacher logit at a masked row (a masked vocabulary entry) would make q·(log q − log p)
         # infinite there, and its gradient 0 · ∞ = NaN although _valid selects the value out: the
@@ -69,7 +66,7 @@ def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 def cross_entropy(student_logits: Tensor, labels: Tensor) -> Tensor:
     """``ce``: −log q(y_t) per token (plain SFT / LM loss), 0 at ignored positions."""
     per_token = F.cross_entropy(
-        _upcast(student_logits).flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+        upcast(student_logits).flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return per_token.view(labels.shape)
 

@@ -39,6 +39,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from kdlab.losses.dtypes import upcast
+
 
 @dataclass
 class SparseTeacher:
@@ -83,13 +85,9 @@ class SparseTeacher:
 
     def log_probs(self) -> Tensor:
         """log p_τ at the top-k ids, (..., k)."""
-        values = _upcast(self.values)
+        values = upcast(self.values)
         return values / self.temperature - self.log_norm.to(values.dtype).unsqueeze(-1)
 
-
-def _upcast(x: Tensor) -> Tensor:
-    """float32 for half-precision values; float64 stays float64 (as the §1 divergences)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def sparse_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> SparseTeacher:
@@ -103,7 +101,7 @@ def sparse_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> 
         raise ValueError(f"the sparse teacher needs 1 <= k <= V = {vocab}, got k={k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = _upcast(teacher_logits.detach())
+    z = upcast(teacher_logits.detach())
     top = z.topk(k, dim=-1)  # sorted, largest first
     scaled = z / temperature
     log_norm = torch.logsumexp(scaled, dim=-1)
@@ -130,7 +128,7 @@ def coarsen(student_logits: Tensor, teacher: SparseTeacher, temperature: float) 
     vocab = student_logits.shape[-1]
     if teacher.k > vocab:
         raise ValueError(f"the sparse teacher has k={teacher.k} ids, more than the student's {vocab} logits")
-    z = _upcast(student_logits) / temperature
+    z = upcast(student_logits) / temperature
     index = teacher.indices.long()
     log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
     log_q = z.gather(-1, index) - log_norm

@@ -25,18 +25,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kdlab.losses.dtypes import upcast
 from kdlab.losses.sparse import SparseTeacher
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """float32 for half-precision logits (softmax in bf16 loses the tail); float64 stays float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _probs(logits: Tensor, temperature: float, name: str) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"{name} must be > 0, got {temperature}")
-    return torch.softmax(_upcast(logits) / temperature, dim=-1)
+    return torch.softmax(upcast(logits) / temperature, dim=-1)
 
 
 def _sorted_descending(probs: Tensor) -> Tensor:
@@ -101,7 +97,7 @@ def uld_sparse_distance(student_logits: Tensor, teacher: SparseTeacher, *, stude
     q = _probs(student_logits, student_temperature, "student_temperature")
     # the cache stores its top-k sorted already; sorting k entries again costs nothing and relies on nothing
     p_top = teacher.log_probs().detach().exp().sort(dim=-1, descending=True).values
-    r = _upcast(teacher.log_tail.detach()).exp()  # exp(−inf) = 0 when k covers the teacher's vocabulary
+    r = upcast(teacher.log_tail.detach()).exp()  # exp(−inf) = 0 when k covers the teacher's vocabulary
     dtype = torch.promote_types(q.dtype, p_top.dtype)
     q, p_top, r = q.to(dtype), p_top.to(dtype), r.to(dtype)
     top = q.topk(min(k, q.shape[-1]), dim=-1)
