@@ -91,8 +91,9 @@ class Evaluation(torch.nn.Module):
         with_teacher = split == "test" or self.teacher_val_ppl is None
         with_exact = with_exact and dm.checker is not None
         num_samples = self.settings.num_samples if split == "test" else self.settings.val_num_samples
+        teacher = self.teacher_of(module)
         student_logits = module.logits(module.student, batch)
-        teacher_logits = module.teacher_logits(batch) if self.teacher_of(module) is not None else None
+        teacher_logits = module.teacher_logits(batch) if teacher is not None else None
         if teacher_logits is not None:
             self.agreement.update(student_logits, teacher_logits, batch["labels"] != IGNORE_INDEX)
         prompted = batch["generate"].nonzero().flatten().tolist()  # plain text has nothing to generate from
@@ -101,7 +102,7 @@ class Evaluation(torch.nn.Module):
         domains = gen_batch["domain"].tolist() if prompted else []
         texts = {}  # role -> (greedy outputs or None, sampled responses or None)
         evals = self._model_evals(module)
-        for role, model, logits in (("student", module.student, student_logits), ("teacher", self.teacher_of(module), teacher_logits)):
+        for role, model, logits in (("student", module.student, student_logits), ("teacher", teacher, teacher_logits)):
             if model is None or (role == "teacher" and not with_teacher):
                 continue
             evals[role].update_logits(logits, batch)
@@ -160,11 +161,11 @@ class Evaluation(torch.nn.Module):
         indices = batch["index"].tolist()
         greedy, samples = texts["student"]
         student = [greedy[r] for r in rows] if greedy is not None else self._greedy(module.student, _rows(batch, rows), dm)
-        teacher = [""] * len(rows)
-        if self.teacher_of(module) is not None:  # the frozen teacher's outputs never change: generated once per example
+        teacher, reference = [""] * len(rows), self.teacher_of(module)
+        if reference is not None:  # the frozen teacher's outputs never change: generated once per example
             missing = [r for r in rows if (split, indices[r]) not in self.teacher_outputs]
             if missing:
-                outputs = self._greedy(self.teacher_of(module), _rows(batch, missing), dm)
+                outputs = self._greedy(reference, _rows(batch, missing), dm)
                 self.teacher_outputs.update({(split, indices[r]): out for r, out in zip(missing, outputs)})
             teacher = [self.teacher_outputs[(split, indices[r])] for r in rows]
         for j, r in enumerate(rows):
@@ -190,10 +191,11 @@ class Evaluation(torch.nn.Module):
         for model_eval in evals.values():
             model_eval.reset()
         metrics["loss"] = metrics["ppl"].log()
-        if self.teacher_of(module) is not None:
+        has_teacher = self.teacher_of(module) is not None
+        if has_teacher:
             metrics.update(self.agreement.compute())
             self.agreement.reset()
-        if split == "val" and self.teacher_of(module) is not None:
+        if split == "val" and has_teacher:
             domains = trainer.datamodule.domains
             if with_teacher and not trainer.sanity_checking:
                 self.teacher_val_ppl = {d: float(metrics[f"{d}/teacher_ppl"]) for d in domains}
