@@ -25,10 +25,6 @@ from kdlab.metrics import EvalSettings
 from kdlab.preflight import check_optimisation
 from kdlab.steps import choose_step
 
-# Lightning warns about every module in eval mode when training starts. The frozen teacher is in
-# eval mode by design (482 modules for SmolLM2), so that warning is replaced by the module's own
-# check of the student alone (DistillModule.on_train_start).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -92,6 +88,14 @@ class DistillModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.eval()  # Lightning calls .train() on the whole module; the teacher stays in eval
         return self
+
+    def on_fit_start(self) -> None:
+        # Lightning warns about every module in eval mode when training starts (after this hook).
+        # The frozen teacher is in eval mode by design (482 modules for SmolLM2), so that warning
+        # is replaced by the check of the student alone below. The filter is set here, at every
+        # fit, rather than at import: a caller's warnings.catch_warnings (pytest's, for one) would
+        # have dropped an import-time filter.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def on_train_start(self) -> None:
         frozen = [name for name, m in self.student.named_modules() if not m.training]

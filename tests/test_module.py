@@ -66,3 +66,26 @@ def test_left_padded_greedy_generation_equals_unpadded(tokenizer):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     batched = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert batched[:, width:].tolist() == alone
+
+
+def test_the_frozen_teacher_raises_no_eval_mode_warning_but_a_student_in_eval_mode_does(tokenizer):
+    import warnings
+
+    import lightning as L
+
+    def fit_once(student_mode: bool) -> list[str]:
+        module = DistillModule(tiny(tokenizer), tiny(tokenizer, 32), load_loss("fkl"), tokenizer)
+        ids = torch.randint(5, len(tokenizer), (2, 6))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.roll(-1, 1), "domain": torch.zeros(2, dtype=torch.long)}
+        if not student_mode:  # a student layer left in eval mode by mistake
+            module.on_train_start = lambda: (module.student.model.layers[0].eval(), DistillModule.on_train_start(module))
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
+        with warnings.catch_warnings(record=True) as caught:  # as a caller (pytest) does: no filter survives from import
+            warnings.simplefilter("always")
+            trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+        return [str(w.message) for w in caught if "eval mode" in str(w.message)]
+
+    assert fit_once(student_mode=True) == []
+    messages = fit_once(student_mode=False)
+    assert len(messages) == 1 and "student module(s) are in eval mode" in messages[0], messages
