@@ -126,6 +126,27 @@ def test_shared_vocabulary_prefers_merged_tokens_and_skips_special_ones(tokenize
 
 
 # -- the objectives on an aligned batch ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["uld", "gold"])
+def test_uld_and_gold_extend_the_shared_loss_settings_and_refuse_the_fused_head(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from kdlab.losses.divergences import LOSS_CONFIG_DIR, loss_config
+    from tests.conftest import CONF_DIR
+
+    own = OmegaConf.load(LOSS_CONFIG_DIR / f"{name}.yaml")
+    assert "/loss_common/token_level@_here_" in own.defaults and "chunk_size" not in own
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        composed = compose("train", overrides=[f"loss={name}"]).loss
+    assert composed == loss_config(name)  # Hydra and load_loss compose the file alike
+    assert (composed.chunk_size, composed.fused_head) == ("auto", False)
+    assert instantiate(composed).chunk_size == "auto"
+    with pytest.raises(InstantiationException, match="across tokenizers set loss.fused_head=false"):
+        instantiate(OmegaConf.merge(composed, {"fused_head": True}))
+
+
 def aligned_batch(n=7, vs=11, vt=13, groups=(0, 2, 3, 6), matched=(True, False, True, False), shared=9, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     student = torch.randn(1, n, vs, generator=g, dtype=dtype, requires_grad=True)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kdlab.losses.base import AlignedKDBatch, KDBatch, LossOutput, Needs, masked_mean
-from kdlab.losses.chunked import RowwiseLoss, check_chunk_size
+from kdlab.losses.chunked import RowwiseLoss, check_chunk_size, check_fused_head
 from kdlab.losses.divergences import CrossEntropy, forward_kl
 from kdlab.losses.dtypes import wide_dtype
 from kdlab.losses.uld import shared_vocab_divergence, uld_distance, uld_sparse_distance
@@ -55,7 +55,8 @@ class AcrossTokenizers:
     ``ce_weight``: the cross-entropy term on the student's labels; ``weight``: the distillation
     term's (ULD's λ); ``student_temperature`` / ``teacher_temperature``: ULD's softmax temperatures;
     ``temperature``: the hybrid divergence's τ (on matched groups); ``chunk_size``: rows per chunk
-    (auto, or null = dense).
+    (auto, or null = dense). ``fused_head`` (the shared loss setting) must be false: the teacher's logits
+    are read on its own tokenisation, not computed from hidden states beside the student's.
     """
 
     def __init__(
@@ -67,7 +68,10 @@ class AcrossTokenizers:
         teacher_temperature: float = 1.0,
         temperature: float = 1.0,
         chunk_size: int | str | None = "auto",
+        fused_head: bool = False,
     ):
+        if check_fused_head(fused_head):
+            raise ValueError("loss.fused_head=true is for token-level objectives on one tokenizer; across tokenizers set loss.fused_head=false")
         bad = [f"{n}={v!r}" for n, v in (("ce_weight", ce_weight), ("weight", weight)) if v < 0]
         bad += [f"{n}={v!r}" for n, v in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature),
                                            ("temperature", temperature)) if v <= 0]
