@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2C
 
 from kdlab.data.suite import build_tokenizer
 from kdlab.heads import plain_head
-from kdlab.losses.base import IGNORE_INDEX, KDBatch
+from kdlab.losses.base import IGNORE_INDEX, KDBatch, needs_of
 from kdlab.losses.chunked import RowwiseLoss, valid_rows
 from kdlab.losses.divergences import available_losses, load_loss, loss_config
 from kdlab.losses.fused import fused_head_loss
@@ -271,10 +271,13 @@ def test_every_rowwise_config_has_the_switch_off_and_the_rollout_losses_still_bu
     for name in available_losses():
         loss = load_loss(name)
         cfg = loss_config(name)
+        assert not needs_of(loss).fused_head, name
         if isinstance(loss, RowwiseLoss):
             assert cfg.fused_head is False and loss.fused_head is False, name
+        elif needs_of(loss).aligned:  # uld, gold: the shared settings, the switch off (and refused on)
+            assert cfg.fused_head is False, name
         else:
-            assert "fused_head" not in cfg and not getattr(loss, "fused_head", False), name
+            assert "fused_head" not in cfg, name
 
 
 def test_the_switch_reaches_the_loss():
