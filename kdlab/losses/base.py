@@ -78,7 +78,9 @@ class Needs:
     ``teacher``: the teacher's logits at the labelled positions (False: ``teacher_logits`` is None).
     ``sparse_teacher``: the loss also accepts the teacher cache's top-k view
     (``KDBatch.teacher_sparse``, kdlab.losses.sparse) instead, so ``teacher_cache.k`` can serve it.
-    ``fused_head``: computed from hidden states and output heads (kdlab.losses.fused), no logits.
+    ``fused_head``: computed from hidden states and output heads (kdlab.losses.fused), no logits; the path
+    calls the loss's :class:`kdlab.losses.chunked.RowwiseLoss` interface on each chunk of rows, so such a
+    loss is one, and refuses the setting when built if its settings are no token sum (rlkd's dynamic_weighting).
     ``rollouts``: trains on samples of the data's prompts, drawn with these settings
     (a :class:`RolloutKDBatch` on those steps). ``plain_text``: the rollout batch carries a
     plain-text batch (``RolloutKDBatch.plain``) for a pre-training term; ``plain_text_teacher``:

@@ -45,11 +45,12 @@ def fused_head_loss(
     ``hidden`` (N, H) and ``teacher_hidden`` (N, H_t) are the labelled rows, ``labels`` (N,).
     Chunks are ``loss.rows_per_chunk(V)`` rows (``loss.chunk_size``; null: one chunk of all rows).
     """
-    if not isinstance(loss, RowwiseLoss) or not loss.chunkable:
+    # Not a read of what the loss needs (Needs.fused_head chose this path): the interface the path calls.
+    # A RowwiseLoss whose settings are no token sum refuses fused_head when it is built (rlkd's dynamic_weighting).
+    if not isinstance(loss, RowwiseLoss):
         raise ValueError(
-            f"loss.fused_head=true needs a token-sum objective (ce, fkl, rkl, jsd, skl, srkl, tvd, rlkd), but "
-            f"{type(loss).__name__} with these settings is not one (e.g. rlkd's dynamic_weighting averages over the "
-            "batch); set loss.fused_head=false"
+            f"loss.fused_head=true needs a token-sum objective (a kdlab.losses.chunked.RowwiseLoss: ce, fkl, rkl, jsd, skl, "
+            f"srkl, tvd, rlkd), and {type(loss).__name__} is not one; set loss.fused_head=false"
         )
     vocab = _shared_vocab(vocab_size, weight, teacher_weight)
     chunk = max(1, loss.rows_per_chunk(vocab) or hidden.shape[0])
