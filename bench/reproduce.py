@@ -1,7 +1,8 @@
 """Each paper's claims, measured over seeds with paired confidence intervals.
 
-    python -m bench.reproduce rlkd|minillm|ddk|main [--seeds 0 1 2 3 4] [--jobs 2] [--out DIR] [OVERRIDE ...]
+    python -m bench.reproduce rlkd|minillm|ddk|main|real|real_rlkd|real_ddk|real_minillm|across [--seeds 0 1 2 3 4] [--jobs 2] [--out DIR] [OVERRIDE ...]
     python -m bench.reproduce real|real_rlkd|real_ddk --seeds 0 1 2     # the real tier (experiment=real)
+    python -m bench.reproduce real_minillm --seeds 0 1 2 data.train=$PWD/chat.jsonl   # its chat domain (experiment=real_chat)
     python -m bench.reproduce across --seeds 0 1 2 --jobs 1             # SmolLM2 into a GPT-2: CE vs ULD vs hybrid
 
 A protocol is an ``experiment=reproduce_<method>`` config (its comments give the reasons for every
@@ -176,6 +177,20 @@ REAL_DDK = Protocol(
     gaps=True,
 )
 
+# MiniLLM on the real tier's chat domain (experiment=real_chat): the teacher's own answers, given with
+# data.train=<chat.jsonl> among the overrides; every variant starts from the same SFT student
+REAL_MINILLM = Protocol(
+    experiment="real_chat",
+    variants={"SFT": ["loss=ce"], "KD": ["loss=fkl"],
+              "MiniLLM": ["loss=minillm", "module.lr=5.0e-6", "loss.rollout.mini_batch_size=4", "loss.rollout.max_new_tokens=128"]},
+    metrics={"ROUGE-L": "test/rougeL", "test ppl": "test/ppl", "S/T ppl ratio": "test/ppl_ratio", "ECE": "test/ece",
+             "top-1 agreement": "test/top1_agreement"},
+    claims=[Claim("MiniLLM beats SFT on sampled ROUGE-L", "test/rougeL", "MiniLLM", "SFT", True, "ROUGE-L 23.3 → 24.6 (Dolly)"),
+            Claim("MiniLLM beats word-level KD on sampled ROUGE-L", "test/rougeL", "MiniLLM", "KD", True, "ROUGE-L 23.5 → 24.6 (Dolly)"),
+            Claim("MiniLLM is better calibrated than KD", "test/ece", "MiniLLM", "KD", False, "lower ECE than KD/SeqKD (Table)"),
+            Claim("KD beats SFT on sampled ROUGE-L", "test/rougeL", "KD", "SFT", True, "KD > SFT (Dolly)")],
+)
+
 # -- across tokenizers: SmolLM2-135M-Instruct into a randomly initialised GPT-2 (experiment=across) ------------
 
 ACROSS_DOMAINS = ("code", "docstrings", "reference")
@@ -189,7 +204,8 @@ ACROSS = Protocol(
     student=True,
 )
 
-PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN, "real": REAL, "real_rlkd": REAL_RLKD, "real_ddk": REAL_DDK, "across": ACROSS}
+PROTOCOLS = {"rlkd": RLKD, "minillm": MINILLM, "ddk": DDK, "main": MAIN, "real": REAL, "real_rlkd": REAL_RLKD, "real_ddk": REAL_DDK,
+             "real_minillm": REAL_MINILLM, "across": ACROSS}
 
 
 # -- running -------------------------------------------------------------------------------------

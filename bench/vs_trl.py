@@ -1,6 +1,14 @@
 """kdlab against TRL's GKDTrainer: training tokens/s on the same pair, data and optimiser, side by side.
 
     PYTHONPATH=/tmp/trl-site python -m bench.vs_trl [--device cuda] [--repeats 20] [--batch 64] [--threads 1]
+    PYTHONPATH=/tmp/trl-site python -m bench.vs_trl --real chat.jsonl --batch 4 --repeats 5 --warmup 1
+
+``--real CHAT``: the real tier's pair instead (SmolLM2-135M-Instruct and its 6-layer pruned student,
+``model=smollm2``, vocabulary 49,152) on one batch of a ``messages`` JSONL through SmolLM2's chat
+template, e.g. the teacher's own answers to the corpus's prompts (``python -m kdlab.generate
+model=smollm2 prompts=<corpus>/chat/prompts.jsonl out=chat.jsonl``, the README's real tier). The
+batch is the file's first ``--batch`` records in order (not a sampled one), so that every run of the
+script measures the same tokens; ``--max-new-tokens`` caps the on-policy samples on both sides.
 
 TRL is not a kdlab dependency: install it beside the project (``pip install --no-deps --target
 /tmp/trl-site trl accelerate``) and put it on ``PYTHONPATH``; without it the script says so and exits 0.
@@ -56,7 +64,7 @@ import warnings
 import torch
 from hydra.utils import instantiate
 
-from bench.common import default_config, default_pair_and_batch, interleaved_medians
+from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_pair
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
@@ -93,6 +101,17 @@ class StandaloneModule(DistillModule):
             datamodule = self._bench_datamodule
 
         return _Shim()
+
+
+def real_pair_and_batch(chat: str, batch_size: int, device: str):
+    """The real tier's tokenizer, teacher and pruned student, a ``data=files`` module over ``chat`` and
+    the batch of its first ``batch_size`` training records (in file order: the same tokens every run)."""
+    tokenizer, _, teacher, student = real_pair()
+    cfg = default_config("model=smollm2", "data=files", f"data.train={chat}", f"data.batch_size={batch_size}", "data.max_length=512")
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    batch = datamodule._train_collate(datamodule._dataset("train")[:batch_size])  # as a training loader lays it out
+    batch = {k: v.to(device) for k, v in batch.items()}
+    return tokenizer, teacher.to(device).requires_grad_(False), student.to(device), datamodule, batch
 
 
 def trl_features(batch: dict) -> list[dict]:
@@ -139,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: steady timings on a shared machine)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--cache-k", type=int, default=32, help="teacher_cache.k of the cached off-policy rows")
+    parser.add_argument("--real", metavar="CHAT", default=None, help="the real tier's pair on a messages JSONL (see above)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="on-policy sample length, both sides (default: the data's longest answer + <eos>)")
     args = parser.parse_args()
 
     found = import_trl()
@@ -157,10 +178,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     on_overrides = ["loss=onpolicy", "loss.lambda_onpolicy=1.0"]
+    if args.max_new_tokens:
+        on_overrides.append(f"loss.rollout.max_new_tokens={args.max_new_tokens}")
     data_overrides = [f"data.batch_size={args.batch}"] if args.batch else []
     cfg = default_config(*on_overrides, *data_overrides)
-    tokenizer, teacher, student, batch = default_pair_and_batch(cfg, args.device)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    if args.real:
+        tokenizer, teacher, student, datamodule, batch = real_pair_and_batch(args.real, args.batch or 4, args.device)
+    else:
+        tokenizer, teacher, student, batch = default_pair_and_batch(cfg, args.device)
+        datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     max_new_tokens = cfg.loss.rollout.max_new_tokens or datamodule.max_new_tokens
     losses = {
         "onpolicy(fkl)": instantiate(cfg.loss),

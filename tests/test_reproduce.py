@@ -62,3 +62,19 @@ def test_exposure_uses_the_protocols_teacher_and_the_story_prompts():
         return {k: v for k, v in OmegaConf.to_container(c.data.splits).items() if k != "domains"}
 
     assert splits_but_domains(cfg) == splits_but_domains(story)
+
+
+def test_the_real_chat_protocol_composes_every_variant_from_one_sft_student():
+    from hydra import compose, initialize_config_dir
+
+    from kdlab import CONF_DIR
+
+    protocol = PROTOCOLS["real_minillm"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfgs = {v: compose("train", overrides=[f"experiment={protocol.experiment}", "data.train=/x/chat.jsonl", *o])
+                for v, o in protocol.variants.items()}
+    assert {v: c.loss._target_.rsplit(".", 1)[1] for v, c in cfgs.items()} == {"SFT": "CrossEntropy", "KD": "TokenKD", "MiniLLM": "MiniLLM"}
+    assert len({str(c.model.student_training) for c in cfgs.values()}) == 1  # one warm start for every variant
+    assert len({c.trainer.max_steps for c in cfgs.values()}) == 1 and cfgs["SFT"].data.train == "/x/chat.jsonl"
+    assert cfgs["MiniLLM"].module.lr == cfgs["KD"].module.lr / 100  # the paper's ratio, 5e-6 vs 5e-4
+    assert cfgs["MiniLLM"].loss.rollout.mini_batch_size == cfgs["MiniLLM"].data.batch_size
