@@ -101,6 +101,28 @@ def test_the_layer_check_refuses_an_arrow_up_and_an_unplaced_module():
     assert arrows_back_up({"kdlab.newthing": set()}) == ["kdlab.newthing is in no layer (or in two): place it in LAYERS"]
 
 
+def test_no_config_but_the_suite_s_own_names_its_domains():
+    from omegaconf import OmegaConf
+
+    from kdlab import CONF_DIR
+    from kdlab.data.suite import DOMAINS
+
+    def words(node):  # keys and string values; comments are explanations, not settings
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield str(key)
+                yield from words(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from words(value)
+        elif isinstance(node, str):
+            yield node
+
+    named = {str(p.relative_to(CONF_DIR)) for p in Path(CONF_DIR).rglob("*.yaml")
+             if set(words(OmegaConf.to_container(OmegaConf.load(p)))) & set(DOMAINS)}
+    assert named == {"data/suite.yaml"}
+
+
 # What a loss declares (its Needs, and the flags of before the declaration), read off a loss
 DECLARED = {f.name for f in dataclasses.fields(Needs)} | {"needs", "chunkable", "needs_teacher", "needs_rollouts", "needs_plain_text"}
 # The one exception, with its reason: the fused path calls the RowwiseLoss interface (dense on each chunk of

@@ -403,7 +403,8 @@ def suite_records(tokenizer, **settings) -> dict[str, list[Record]]:
 
 
 class SuiteDataModule(KDDataModule):
-    """``data=suite``: the built-in suite's records (``splits``: the generator's settings) in a :class:`KDDataModule`."""
+    """``data=suite``: the built-in suite's records (``splits``: the generator's settings) in a :class:`KDDataModule`.
+    ``domain_lists``: the config's named lists of domains, which ``splits.domains`` picks from (unused here)."""
 
-    def __init__(self, tokenizer, splits, **kwargs):
+    def __init__(self, tokenizer, splits, domain_lists=None, **kwargs):
         super().__init__(suite_records(tokenizer, **splits), tokenizer, **kwargs)
