@@ -22,12 +22,15 @@ def build_tokenizers(cfg: DictConfig, needs: Needs):
 
     The student reads the teacher's tokenizer unless its folder has its own that differs; that is
     refused (kdlab.models.check_tokenizers) unless the objective works across tokenizers
-    (``Needs.aligned``) or reads no teacher (``loss=ce``). An aligned objective gets the two
-    vocabularies' shared tokens, and the data is then encoded by both tokenizers.
+    (``Needs.aligned``) or reads no teacher (``loss=ce``); on-policy objectives are refused with their
+    own reason. An aligned objective gets the two vocabularies' shared tokens, and the data is then
+    encoded by both tokenizers.
     """
     teacher_tokenizer = instantiate(cfg.model.tokenizer)
-    tokenizer = check_tokenizers(teacher_tokenizer, cfg.model.student.get("path"), across=needs.aligned or not needs.teacher)
-    if tokenizer is not teacher_tokenizer and "ddk" in (cfg.get("callbacks") or {}):
+    tokenizer = check_tokenizers(teacher_tokenizer, cfg.model.student.get("path"), across=needs.aligned or not needs.teacher,
+                                 on_policy=needs.rollouts is not None)
+    own = tokenizer is not teacher_tokenizer
+    if own and "ddk" in (cfg.get("callbacks") or {}):
         raise ValueError(
             "data/mixing=ddk weights domains by the student/teacher perplexity ratio, and with two tokenizers the "
             "teacher's perplexity is over other tokens (not comparable): use data/mixing=uniform or static"
@@ -51,17 +54,22 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     training = cfg.model.get(f"{role}_training")
     if not training:
         return model  # used as it is: a pretrained model, or a student distilled from scratch
-    splits = cfg.data.get("splits", cfg.data)  # the suite's generator settings, or the whole file-data config
     if training.get("n_train"):
         if "splits" not in cfg.data:
             raise ValueError(f"model.{role}_training.n_train applies to the built-in suite (data=suite) only; remove it")
         # Trained on more examples than the distillation's transfer set (as a real teacher has
         # seen a larger corpus); build_suite draws val/test first, so they stay identical.
-        splits = OmegaConf.merge(splits, {"n_train": training.n_train})
+        splits = OmegaConf.merge(cfg.data.splits, {"n_train": training.n_train})
         datamodule = instantiate(cfg.data, tokenizer=tokenizer, splits=splits)
-    settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train is in splits
+    # The key holds only what the trained weights depend on: the model, the tokenizer, the training
+    # settings, the batch size and the tokenised training records themselves (data_fingerprint: each
+    # record in order, with its domain). Not the data config: the CE training reads no held-out
+    # record (limit_val_batches=0), so data.splits.n_val/n_test, data.val/test and the evaluation
+    # settings leave it unchanged, while any data setting that changes the training records (the
+    # suite's n_train, seed or domains, data.max_length, the files, the hold-out) changes the fingerprint.
+    settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train: in the training records
     batch_size = training.get("batch_size") or cfg.data.batch_size  # its own, or the distillation's
     # the tokenizer itself, not only its config node: a changed vocabulary resizes the model's embeddings
     tokens = tokenizer_fingerprint(tokenizer)
-    key = cache_key(cfg.model[role], cfg.model.tokenizer, tokens, settings, splits, batch_size, data_fingerprint(datamodule))
+    key = cache_key(cfg.model[role], cfg.model.tokenizer, tokens, settings, batch_size, data_fingerprint(datamodule))
     return load_or_train(model, training, key, cfg.paths.cache_dir, tokenizer, datamodule, role)

@@ -156,7 +156,7 @@ def load_tokenizer(path: str | None = None, gguf_file: str | None = None, cache_
     return tokenizer
 
 
-def check_tokenizers(tokenizer, student_path: str | None, across: bool = False):
+def check_tokenizers(tokenizer, student_path: str | None, across: bool = False, on_policy: bool = False):
     """Preflight: the tokenizer the student reads, ``tokenizer`` (the teacher's) unless the student's
     folder has its own that differs.
 
@@ -164,6 +164,7 @@ def check_tokenizers(tokenizer, student_path: str | None, across: bool = False):
     token and have the same special tokens, or the two distributions are over different things; a
     differing student tokenizer is refused, naming the first differing ids. ``across``: the
     objective works across tokenizers (``loss=uld``, ``loss=gold``), so a differing one is returned.
+    ``on_policy``: the objective trains on rollouts, which the refusal says are not supported across tokenizers.
     """
     if student_path is None:
         return tokenizer
@@ -179,6 +180,12 @@ def check_tokenizers(tokenizer, student_path: str | None, across: bool = False):
         if student_tok.pad_token_id is None:
             student_tok.pad_token = student_tok.eos_token
         return student_tok
+    if on_policy:
+        raise ValueError(
+            f"the student's tokenizer ({folder}) {difference}; on-policy objectives (loss=minillm, loss=onpolicy) are not "
+            "supported across tokenizers: the teacher would have to score the student's samples, which are ids of another "
+            "vocabulary. Pick a student of the teacher's family, or distil across tokenizers off-policy with loss=uld or loss=gold"
+        )
     raise ValueError(
         f"the student's tokenizer ({folder}) {difference}; token-level distillation needs one tokenizer. Pick a "
         "student of the teacher's family, or distil across tokenizers with loss=uld or loss=gold"

@@ -228,6 +228,14 @@ def test_a_same_vocabulary_objective_on_two_tokenizers_is_refused_naming_the_cro
         run(hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", "loss=fkl"))
 
 
+@pytest.mark.parametrize("loss", ["minillm", "onpolicy"])
+def test_on_policy_objectives_on_two_tokenizers_are_refused_with_their_own_reason(tmp_path, cross_pair, loss):
+    teacher, student = cross_pair
+    with pytest.raises(ValueError, match=r"maps \d+ of the .*on-policy objectives \(loss=minillm, loss=onpolicy\) are not supported across "
+                                         r"tokenizers: the teacher would have to score the student's samples.*loss=uld or loss=gold"):
+        run(hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", f"loss={loss}"))
+
+
 def test_an_objective_across_tokenizers_needs_file_data(tiny_cfg):
     with pytest.raises(ValueError, match="data=files or data=python_corpus"):
         run(tiny_cfg("loss=uld"))
