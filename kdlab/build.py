@@ -24,7 +24,8 @@ def build_tokenizers(cfg: DictConfig, needs: Needs):
     refused (kdlab.models.check_tokenizers) unless the objective works across tokenizers
     (``Needs.aligned``) or reads no teacher (``loss=ce``); on-policy objectives are refused with their
     own reason. An aligned objective gets the two vocabularies' shared tokens, and the data is then
-    encoded by both tokenizers.
+    encoded by both tokenizers. Across tokenizers the teacher is not CE-trained first
+    (``model.teacher_training``): the run's data is the student's token ids.
     """
     teacher_tokenizer = instantiate(cfg.model.tokenizer)
     tokenizer = check_tokenizers(teacher_tokenizer, cfg.model.student.get("path"), across=needs.aligned or not needs.teacher,
@@ -34,6 +35,11 @@ def build_tokenizers(cfg: DictConfig, needs: Needs):
         raise ValueError(
             "data/mixing=ddk weights domains by the student/teacher perplexity ratio, and with two tokenizers the "
             "teacher's perplexity is over other tokens (not comparable): use data/mixing=uniform or static"
+        )
+    if own and needs.teacher and cfg.model.get("teacher_training"):
+        raise ValueError(
+            "model.teacher_training CE-trains the teacher on the run's data, and across tokenizers the data is the "
+            "student's token ids (another vocabulary than the teacher's): give a trained teacher and set model.teacher_training=null"
         )
     if not needs.aligned:
         return teacher_tokenizer, tokenizer, None
@@ -64,9 +70,10 @@ def build_model(cfg: DictConfig, role: str, tokenizer, datamodule):
     # The key holds only what the trained weights depend on: the model, the tokenizer, the training
     # settings, the batch size and the tokenised training records themselves (data_fingerprint: each
     # record in order, with its domain). Not the data config: the CE training reads no held-out
-    # record (limit_val_batches=0), so data.splits.n_val/n_test, data.val/test and the evaluation
-    # settings leave it unchanged, while any data setting that changes the training records (the
-    # suite's n_train, seed or domains, data.max_length, the files, the hold-out) changes the fingerprint.
+    # record (limit_val_batches=0), so data.val/test, the evaluation settings and the held-out sizes
+    # (data.splits.n_val/n_test) do not enter; a data setting changes the key exactly when it changes
+    # the training records (the suite's n_train, seed or domains, data.max_length, the files, the
+    # hold-out; n_val/n_test too where the suite skips a training draw equal to a held-out prompt).
     settings = {k: v for k, v in training.items() if k != "n_train"}  # n_train: in the training records
     batch_size = training.get("batch_size") or cfg.data.batch_size  # its own, or the distillation's
     # the tokenizer itself, not only its config node: a changed vocabulary resizes the model's embeddings

@@ -236,6 +236,14 @@ def test_on_policy_objectives_on_two_tokenizers_are_refused_with_their_own_reaso
         run(hf_cfg(tmp_path / "run", teacher, student, f"data.train={CHAT}", f"loss={loss}"))
 
 
+def test_training_the_teacher_first_is_refused_across_tokenizers(tmp_path, cross_pair):
+    # refused with the tokenizers, before the data is encoded or a model built
+    teacher, student = cross_pair
+    overrides = (f"data.train={CHAT}", "loss=uld", "model.teacher_training={max_steps: 5, lr: 1.0e-3}")
+    with pytest.raises(ValueError, match="model.teacher_training CE-trains the teacher .* student's token ids .* model.teacher_training=null"):
+        run(hf_cfg(tmp_path / "run", teacher, student, *overrides))
+
+
 def test_an_objective_across_tokenizers_needs_file_data(tiny_cfg):
     with pytest.raises(ValueError, match="data=files or data=python_corpus"):
         run(tiny_cfg("loss=uld"))
