@@ -18,7 +18,7 @@ from kdlab.data.files import Encoder, Encoding, Source
 from kdlab.data.records import Piece
 from kdlab.losses.across import gold, uld
 from kdlab.losses.base import AlignedKDBatch, KDBatch
-from kdlab.losses.divergences import TokenKD, forward_kl
+from kdlab.losses.divergences import TokenKD, forward_kl, generalized_jsd
 from kdlab.train import run
 from tests.test_hf_models import CHAT, ROOT, SMALL, hf_cfg
 
@@ -189,6 +189,31 @@ def test_uld_term_is_the_sum_over_groups_over_the_student_tokens_and_chunks_exac
     g1 = torch.autograd.grad(dense.loss, batch.student_logits)[0]
     g2 = torch.autograd.grad(chunked.loss, batch.student_logits)[0]
     assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])
+def test_the_hybrid_chunked_equals_the_dense_computation_in_float64(chunk_size, monkeypatch):
+    import kdlab.losses.chunked
+
+    calls = []
+    original = kdlab.losses.chunked.chunked
+    monkeypatch.setattr(kdlab.losses.chunked, "chunked", lambda dense, batch, size: calls.append(size) or original(dense, batch, size))
+    groups = (0, 1, 3, 4, 5, 7, 8, 10, 11)  # 5 matched and 4 ULD groups: every chunk size splits both parts
+    batch = aligned_batch(n=12, vs=11, vt=13, groups=groups, matched=(True, False, True, True, False, True, False, True, False), seed=3)
+    for divergence in (forward_kl, generalized_jsd):
+        dense = gold(divergence=divergence, chunk_size=None)(batch)
+        assert not calls
+        chunked = gold(divergence=divergence, chunk_size=chunk_size)(batch)
+        assert calls == [chunk_size] * 3  # the ULD rows, the matched rows and the CE term, each over chunks
+        calls.clear()
+        assert chunked.loss.item() == pytest.approx(dense.loss.item(), rel=1e-12)
+        assert set(chunked.logs) == set(dense.logs) == {"uld", "shared_kd", "kd", "ce"}
+        for name in dense.logs:
+            assert chunked.logs[name].item() == pytest.approx(dense.logs[name].item(), rel=1e-12), name
+        torch.testing.assert_close(chunked.per_token, dense.per_token, rtol=1e-12, atol=1e-14)
+        g_dense = torch.autograd.grad(dense.loss, batch.student_logits)[0]
+        g_chunked = torch.autograd.grad(chunked.loss, batch.student_logits)[0]
+        torch.testing.assert_close(g_chunked, g_dense, rtol=1e-10, atol=1e-13)
 
 
 def test_the_hybrid_splits_groups_into_shared_divergence_and_uld():
