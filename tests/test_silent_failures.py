@@ -232,6 +232,48 @@ def test_the_cache_key_changes_with_the_tokenizer_behind_an_unchanged_config(tin
     assert len(keys) == 2 and keys[0] != keys[1]
 
 
+def _cache_keys(monkeypatch, role, cfgs):
+    """The cache key build_model gives the CE-trained ``role`` under each config (the training itself mocked)."""
+    import kdlab.build as build
+
+    keys = []
+    monkeypatch.setattr(build, "load_or_train", lambda model, training, key, *a, **k: keys.append(key) or model)
+    for cfg in cfgs:
+        tok = instantiate(cfg.model.tokenizer)
+        build.build_model(cfg, role, tok, instantiate(cfg.data, tokenizer=tok))
+    return keys
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_the_held_out_sizes_leave_the_cache_key_of_a_ce_trained_model_unchanged(tiny_cfg, monkeypatch, role):
+    """The default teacher and the warm start train on the training records alone (no validation): the
+    held-out sizes are no part of their weights, while a setting that changes the training still changes the key."""
+    same = _cache_keys(monkeypatch, role, [tiny_cfg(), tiny_cfg("data.splits.n_val=8"), tiny_cfg("data.splits.n_test=16")])
+    assert len(same) == 3 and len(set(same)) == 1
+    changed = _cache_keys(monkeypatch, role, [tiny_cfg("data.splits.seed=1"), tiny_cfg(f"model.{role}_training.lr=0.01")])
+    assert len(set(changed)) == 2 and same[0] not in changed
+
+
+def test_file_data_the_cache_key_holds_the_training_records_not_the_held_out_files(monkeypatch, tmp_path, cache_dir):
+    def jsonl(name, answers):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": "copy a b =", "response": a}) + "\n" for a in answers))
+        return path
+
+    train, val, test, other_test = jsonl("train.jsonl", ["a b", "b a", "a a"]), jsonl("val.jsonl", ["c"]), jsonl("test.jsonl", ["d"]), jsonl("t2.jsonl", ["e"])
+
+    def files_cfg(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=["data=files", f"data.train={train}", f"data.val={val}", f"data.test={test}", *overrides])
+        cfg.paths.cache_dir = str(cache_dir)
+        return cfg
+
+    keys = _cache_keys(monkeypatch, "student", [files_cfg(), files_cfg(f"data.test={other_test}"), files_cfg("data.eval_batch_size=3")])
+    assert len(set(keys)) == 1
+    jsonl("train.jsonl", ["a b", "b a", "b b"])  # one training answer edited: other weights
+    assert _cache_keys(monkeypatch, "student", [files_cfg()])[0] != keys[0]
+
+
 # -- 9: unique run folders -------------------------------------------------------------------------
 def test_run_folders_carry_the_process_id():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
