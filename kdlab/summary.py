@@ -104,14 +104,23 @@ def summarize(sweep_dir: str | Path) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, print the comparison table and save summary.csv."""
+    """Hydra callback: at the end of a multirun, print the comparison table and save summary.csv; exit 1
+    if a job failed or ended without metrics.json."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         table = summarize(sweep_dir)
         print(f"\nSweep summary ({sweep_dir / 'summary.csv'}):\n{table}\n", flush=True)
-        failed = [r for r in collect(sweep_dir) if str(r.get("status", "")).startswith("failed")]
+        # Every job has ended by now: one without metrics.json failed, also where it could not say so
+        # (its failed.txt not written, e.g. on a full disk), and the sweep must not exit 0 without it.
+        failed = [r for r in collect(sweep_dir) if "status" in r]
         if failed:
-            lines = "\n".join(f"  job {r['job']} ({' '.join(r['overrides'])}): {r['status']}" for r in failed)
-            print(f"{len(failed)} job(s) failed (their logs: <job>/train.log):\n{lines}", file=sys.stderr, flush=True)
+            lines = "\n".join(f"  job {r['job']} ({' '.join(r['overrides'])}): {_ended(r['status'])}" for r in failed)
+            print(f"{len(failed)} job(s) failed or did not finish (their logs: <job>/train.log):\n{lines}", file=sys.stderr, flush=True)
             sys.exit(1)  # the finished jobs are in the table; the sweep as a whole did not succeed
+
+
+def _ended(status: str) -> str:
+    if status.startswith("failed"):
+        return status
+    return "did not finish: no metrics.json and no failed.txt (it stopped without recording why, e.g. on a full disk)"

@@ -435,3 +435,22 @@ def test_a_job_that_failed_after_its_metrics_is_listed_as_failed(tmp_path):
     rows = {r["job"]: r for r in collect(tmp_path)}
     assert rows["0"]["test/loss"] == 1.0 and "status" not in rows["0"]
     assert rows["1"]["status"] == "failed: OSError: No space left" and "test/loss" not in rows["1"]
+
+
+def test_a_sweep_job_that_left_neither_metrics_nor_its_failure_fails_the_sweep(tmp_path, capsys):
+    """failed.txt may be unwritable (a full disk): at the multirun's end a job without metrics.json failed."""
+    from omegaconf import OmegaConf
+
+    from kdlab.summary import SweepSummary
+
+    for job in ("0", "1"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+    (tmp_path / "0" / "metrics.json").write_text('{"test/loss": 1.0}')
+    with pytest.raises(SystemExit) as stop:
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "1 job(s) failed or did not finish" in err
+    assert "job 1 (seed=1): did not finish: no metrics.json and no failed.txt" in err and "job 0" not in err
+    (tmp_path / "1" / "metrics.json").write_text('{"test/loss": 2.0}')
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))  # all finished: no exit
