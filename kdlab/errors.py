@@ -6,10 +6,16 @@ Every check of kdlab raises a plain exception whose message names the cause and 
 raised while a config node is built). Those are shown as one short block, without the Python
 traceback, and the process exits with :data:`USER_ERROR`, distinct from a crash (1, with its
 traceback) and from an interrupted run (143). ``KDLAB_TRACEBACK=1`` shows the traceback too.
+
+What makes such an exception a user error is where it was raised (:func:`raised_by_kdlab`): by a
+``raise`` statement of kdlab's own code. The same types raised inside torch, transformers or any
+other library, or by a failing built-in operation inside kdlab (a bug, not a check), are crashes
+and keep their traceback.
 """
 
 from __future__ import annotations
 
+import dis
 import os
 import re
 
@@ -24,6 +30,7 @@ class NotEnoughSpace(OSError):
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, FloatingPointError, NotEnoughSpace)
+PACKAGE = os.path.dirname(os.path.realpath(__file__))  # kdlab's own code: the files under this folder
 TRACEBACK_HINT = "(for the Python traceback, rerun with KDLAB_TRACEBACK=1)"
 
 
@@ -78,9 +85,35 @@ def user_message(err: BaseException) -> str | None:
         return f"{where}: {err}"
     if isinstance(err, OmegaConfBaseException):  # e.g. a mandatory value (???) left unset
         return str(err).splitlines()[0]
-    if isinstance(err, USER_ERRORS):
+    if isinstance(err, USER_ERRORS) and raised_by_kdlab(err):
         return str(err)
     return None
+
+
+def raised_by_kdlab(err: BaseException) -> bool:
+    """Whether ``err`` was raised by a ``raise`` statement of kdlab's own code: the innermost frame of
+    its traceback lies in the kdlab package and stopped at a raise. Not one raised inside a library
+    (torch, transformers, ...), nor one of a built-in operation failing in kdlab's code (an unpacking,
+    ``int()``: a bug). An error re-raised from a worker process (``data.num_proc``) is judged by the
+    worker's traceback, which the pool hands on as the error's cause."""
+    remote = getattr(err.__cause__, "tb", None)  # multiprocessing's RemoteTraceback: the worker's traceback as text
+    if type(err.__cause__).__name__.endswith("RemoteTraceback") and isinstance(remote, str):
+        frames = re.findall(r'File "([^"]+)", line \d+, in \S+\n[ \t]*(.*)', remote)
+        return bool(frames) and _in_package(frames[-1][0]) and frames[-1][1].startswith("raise")
+    tb = err.__traceback__
+    if tb is None:  # never raised: nothing says where it comes from
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if not _in_package(code.co_filename):
+        return False
+    instruction = next((i for i in dis.get_instructions(code) if i.offset == tb.tb_lasti), None)
+    return instruction is None or instruction.opname == "RAISE_VARARGS"  # unknown offset (another Python): the frame decides
+
+
+def _in_package(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(PACKAGE + os.sep)
 
 
 def _target_name(message: str) -> str:

@@ -1,6 +1,9 @@
 """The bad-input table (docs/long-runs-and-failures.md): each user error stops before any model is built, naming cause and fix."""
 
+from pathlib import Path
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from omegaconf.errors import MissingMandatoryValue
@@ -57,8 +60,11 @@ def test_an_unknown_key_says_how_to_add_one():
     ],
 )
 def test_out_of_range_parameters_stop_before_models(tiny_cfg, no_models, overrides, message):
-    with pytest.raises((InstantiationException, ValueError, MissingMandatoryValue), match=message):
+    from kdlab.errors import user_message
+
+    with pytest.raises((InstantiationException, ValueError, MissingMandatoryValue), match=message) as stop:
         run(tiny_cfg(*overrides))
+    assert user_message(stop.value) is not None  # a user error: its message alone, exit status 2
 
 
 def test_sequences_longer_than_the_models_positions_stop_before_any_training(tiny_cfg, monkeypatch):
@@ -101,3 +107,77 @@ def test_an_unknown_setting_of_a_loss_is_named_as_a_setting(tiny_cfg, no_models)
     with pytest.raises(InstantiationException) as stop:
         run(tiny_cfg("loss=minillm", "+loss.fused_head=true"))
     assert user_message(stop.value) == "loss.fused_head is not a setting of MiniLLM (loss); remove it or check its spelling"
+
+
+# -- a user error is one kdlab raises: the same types raised inside a library are crashes ---------------
+def torch_fails(*args, **kwargs):
+    """A config target whose call fails inside torch, with a ValueError of torch's own (mismatched batch sizes)."""
+    torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except Exception as err:
+        return err
+    pytest.fail("nothing was raised")
+
+
+def test_a_user_error_is_one_kdlab_raises_and_the_same_type_from_torch_is_a_crash(tiny_cfg, no_models):
+    import logging
+
+    from kdlab.errors import PACKAGE, stop_for_user_error, user_message
+
+    log = logging.getLogger(__name__)
+    ours, torchs = _raised(lambda: run(tiny_cfg("module.lr=-1"))), _raised(torch_fails)
+    assert isinstance(ours, ValueError) and isinstance(torchs, ValueError)
+    assert user_message(ours) == str(ours) and user_message(torchs) is None
+    with pytest.raises(SystemExit) as stop:
+        stop_for_user_error(ours, log)
+    assert stop.value.code == 2
+    assert stop_for_user_error(torchs, log) is None  # the entry point re-raises it: its traceback, exit status 1
+    # raised while Hydra builds a config node: judged by its cause, raised in torch
+    wrapped = _raised(lambda: run(tiny_cfg("model.tokenizer._target_=tests.test_bad_input.torch_fails")))
+    assert isinstance(wrapped, InstantiationException) and user_message(wrapped) is None
+    # in kdlab's own files, a raise statement is a check; a failing built-in operation is a bug
+    where = str(Path(PACKAGE) / "checks_here.py")
+    assert user_message(_raised(lambda: exec(compile("raise ValueError('set x >= 1')", where, "exec")))) == "set x >= 1"
+    assert user_message(_raised(lambda: exec(compile("x, y = [1]", where, "exec")))) is None
+    assert user_message(ValueError("never raised")) is None
+
+
+def test_a_check_raised_in_a_tokenising_worker_is_still_a_user_error(tmp_path):
+    """data.num_proc: datasets re-raises a worker's error in the parent, its traceback in the cause."""
+    import json
+
+    from examples.tiny_pair import tokenizer as family_tokenizer
+    from kdlab.data.files import Encoding, Source, load_records
+    from kdlab.errors import user_message
+
+    chat = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(chat) + "\n" for _ in range(4)))
+    err = _raised(lambda: load_records([Source(path, None)], family_tokenizer("gpt2"), Encoding(max_length=64), "train", num_proc=2))
+    assert "need a chat template" in str(err) and user_message(err) == str(err)
+
+
+@pytest.mark.slow
+def test_exit_status_2_for_a_user_error_and_1_with_the_traceback_for_an_error_raised_in_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TINY
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def train(*args):
+        cmd = [sys.executable, "-m", "kdlab.train", *TINY, *args, f"hydra.run.dir={tmp_path / str(len(args))}"]
+        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        return result.returncode, result.stdout + result.stderr
+
+    status, out = train("module.lr=-1")
+    assert status == 2 and "module.lr=-1 must be a finite number > 0" in out and "Traceback" not in out, out[-2000:]
+    status, out = train("model.tokenizer._target_=tests.test_bad_input.torch_fails", "seed=1")
+    assert status == 1 and "Traceback" in out and "Expected input batch_size (2) to match target batch_size (3)" in out, out[-2000:]
