@@ -50,7 +50,7 @@ def check_groups(student_tok, teacher_tok, ids, teacher_ids, aligned, vocab):
     bounds = list(zip(aligned, aligned[1:] + [(len(ids), len(teacher_ids), False)]))
     for (s, t, matched), (s2, t2, _) in bounds[:-1]:  # the last group is the end-of-turn tail, special tokens on both sides
         if matched:  # one token each, the same bytes (also a byte of a character both split alike)
-            assert s2 - s == 1 and t2 - t == 1 and vocab.student_bytes[ids[s]] == vocab.teacher_bytes[teacher_ids[t]]
+            assert s2 - s == 1 and t2 - t == 1 and vocab.student_keys[ids[s]] == vocab.teacher_keys[teacher_ids[t]]
             continue
         ours, theirs = student_tok.decode(ids[s:s2]), teacher_tok.decode(teacher_ids[t:t2])
         assert "\ufffd" not in ours and "\ufffd" not in theirs, (ours, theirs)  # no cut inside a multi-byte character
@@ -92,12 +92,15 @@ def test_chat_records_align_through_two_different_chat_templates(tokenizers, stu
     check_groups(s_tok, t_tok, ids, teacher_ids, second, encoder.vocab)
 
 
-def test_one_tokenizer_on_both_sides_aligns_every_token_one_to_one(tokenizers):
-    tok = tokenizers["qwen2"]
-    ids, teacher_ids, aligned, _ = encode(tok, tok, "text", {"text": TEXTS[0]})
-    assert ids == teacher_ids
-    assert [(s, t) for s, t, _ in aligned] == [(i, i) for i in range(1, len(ids))]
-    assert all(m for *_, m in aligned[:-1]) and not aligned[-1][2]  # the end token is special: not a string
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
+def test_one_tokenizer_on_both_sides_aligns_and_matches_every_token_one_to_one(tokenizers, family):
+    tok = tokenizers[family]
+    for text in TEXTS:
+        ids, teacher_ids, aligned, _ = encode(tok, tok, "text", {"text": text})
+        assert ids == teacher_ids
+        first = 2 if ids[0] == tok.bos_token_id else 1  # with a BOS, the text's first token is predicted from it
+        assert [(s, t) for s, t, _ in aligned] == [(i, i) for i in range(first, len(ids))]
+        assert all(m for *_, m in aligned)  # the end token too: a special token spelled alike on both sides
 
 
 def test_align_walks_overlapping_and_gapped_ranges():
@@ -115,14 +118,24 @@ def test_truncated_records_keep_only_groups_both_sides_hold(tokenizers):
     assert aligned and all(s < 24 and t < 24 for s, t, _ in aligned)
 
 
-def test_shared_vocabulary_prefers_merged_tokens_and_skips_special_ones(tokenizers):
-    vocab = VocabularyMap(tokenizers["qwen2"], tokenizers["llama"])
-    llama = tokenizers["llama"]
+def test_shared_vocabulary_prefers_merged_tokens_and_shares_special_ones_spelled_alike(tokenizers):
+    qwen, llama, gpt2 = tokenizers["qwen2"], tokenizers["llama"], tokenizers["gpt2"]
+    vocab = VocabularyMap(qwen, llama)
     comma = llama.convert_tokens_to_ids(",")
-    assert vocab.student_ids[vocab.teacher_ids.tolist().index(tokenizers["qwen2"].convert_tokens_to_ids(","))] == comma
-    specials = set(tokenizers["qwen2"].all_special_ids)
-    assert not specials & set(vocab.teacher_ids.tolist())
+    assert vocab.student_ids[vocab.teacher_ids.tolist().index(qwen.convert_tokens_to_ids(","))] == comma
+    assert llama.convert_tokens_to_ids("<0x2C>") not in vocab.student_ids.tolist()  # the byte-fallback "," has no partner
+    assert not set(qwen.all_special_ids) & set(vocab.teacher_ids.tolist())  # <|im_end|>, <|endoftext|> vs <s>, </s>: none alike
     assert len(vocab) > 10_000
+    # special tokens pair by their string: "<|endoftext|>" ends a text in GPT-2 and in Qwen alike
+    end = VocabularyMap(qwen, gpt2)
+    pairs = dict(zip(end.teacher_ids.tolist(), end.student_ids.tolist()))
+    assert pairs[qwen.convert_tokens_to_ids("<|endoftext|>")] == gpt2.convert_tokens_to_ids("<|endoftext|>")
+    assert end.matched(qwen.convert_tokens_to_ids("<|endoftext|>"), gpt2.eos_token_id)
+    assert not vocab.matched(qwen.convert_tokens_to_ids("<|im_end|>"), llama.eos_token_id)  # "</s>": another string, ULD there
+    # one tokenizer on both sides shares every id with itself, byte-fallback spellings and special tokens included
+    for tok in (llama, gpt2):
+        same = VocabularyMap(tok, tok)
+        assert same.teacher_ids.tolist() == same.student_ids.tolist() == list(range(len(tok)))
 
 
 # -- the objectives on an aligned batch ------------------------------------------------------------
@@ -214,6 +227,50 @@ def test_the_hybrid_chunked_equals_the_dense_computation_in_float64(chunk_size, 
         g_dense = torch.autograd.grad(dense.loss, batch.student_logits)[0]
         g_chunked = torch.autograd.grad(chunked.loss, batch.student_logits)[0]
         torch.testing.assert_close(g_chunked, g_dense, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_hybrid_with_one_tokenizer_is_the_token_level_divergence_through_encoding_and_the_aligned_step(tokenizers, family):
+    """methods.md §6: records encoded and aligned with one real tokenizer on both sides, the aligned step and
+    loss=gold against the teacher-forward step and fkl on the same batch, in float64 (models whose heads have
+    exactly the tokenizer's rows: a head's rows past the tokenizer are no token, which the hybrid leaves out)."""
+    from transformers import AutoModelForCausalLM
+
+    from examples.tiny_pair import configs
+    from kdlab.data.datamodule import KDDataModule
+    from kdlab.data.records import Record
+    from kdlab.module import DistillModule
+
+    tok = tokenizers[family]
+    vocab = VocabularyMap(tok, tok)
+    rows = [("text", {"text": text}) for text in TEXTS]
+    if tok.chat_template:
+        rows.append(("messages", {"messages": [{"role": "user", "content": "Où est 東京?"}, {"role": "assistant", "content": "a"},
+                                               {"role": "user", "content": "And?"}, {"role": "assistant", "content": " Tokyo 🙂, naïvement."}]}))
+    records = []
+    for fmt, record in rows:
+        out = Encoder(tok, Encoding(512), Source(Path("x.jsonl"), "d"), fmt, tok, vocab)({k: [v] for k, v in record.items()}, [0])
+        aligned = tuple((s, t, bool(m)) for s, t, m in out["aligned"][0])
+        assert all(m for *_, m in aligned)  # every group one token, matched: the end-of-turn tokens too
+        records.append(Record(tuple(out["input_ids"][0]), tuple(out["targets"][0]), out["prompt_len"][0], "d",
+                              teacher_ids=tuple(out["teacher_ids"][0]), aligned=aligned))
+    held = [Record((1, 2), (True, True), 0, "d", teacher_ids=(1, 2), aligned=((1, 1, True),))]
+    dm = KDDataModule({"train": records, "val": held, "test": held}, tok, max_length=512)
+    batch = dm._train_collate([{"record": r, "index": i} for i, r in enumerate(records)])
+    torch.manual_seed(0)
+    teacher, student = (AutoModelForCausalLM.from_config(c).double() for c in configs(family, tok))
+    assert teacher.get_output_embeddings().weight.shape[0] == len(tok) == len(vocab)
+    for ce_weight, weight in ((0.0, 1.0), (1.0, 1.5)):
+        hybrid = DistillModule(student, teacher, gold(ce_weight=ce_weight, weight=weight, chunk_size=None), tok, vocab_size=len(tok), vocabulary=vocab)
+        token_level = DistillModule(student, teacher, TokenKD(forward_kl, ce_weight=ce_weight, kd_weight=weight), tok, vocab_size=len(tok))
+        student.eval()  # no dropout: the two steps run the student twice
+        ours, reference = hybrid.step(hybrid, batch), token_level.step(token_level, batch)
+        assert "uld" not in ours.logs and ours.logs["shared_kd"].item() == pytest.approx(reference.logs["kd"].item(), rel=1e-12)
+        assert ours.loss.item() == pytest.approx(reference.loss.item(), rel=1e-12)
+        g1 = torch.autograd.grad(ours.loss, list(student.parameters()))
+        g2 = torch.autograd.grad(reference.loss, list(student.parameters()))
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_the_hybrid_splits_groups_into_shared_divergence_and_uld():

@@ -21,8 +21,11 @@ the rendered string, never decoded token strings, so:
 At a group's first token both models have read the same text of the response (every earlier
 group covered the same characters), so their next-token distributions there are comparable: the
 objectives compare them at the group's first position. A group of one token on each side whose
-tokens are the same string in both vocabularies (:class:`VocabularyMap`) is *matched*: the
-hybrid objective compares the two distributions over the shared tokens there.
+tokens are the same string in both vocabularies (:class:`VocabularyMap`: the same bytes of text, or
+special tokens spelled alike, such as ``<|im_end|>`` on both sides) is *matched*: the hybrid
+objective compares the two distributions over the shared tokens there. The end-of-turn tail is
+matched too where both sides end it with the same special token; where they differ (``</s>``
+against ``<|im_end|>``) it stays a ULD group.
 """
 
 from __future__ import annotations
@@ -171,23 +174,44 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
+def token_keys(tokenizer) -> list[bytes | str | None]:
+    """What each id stands for, for comparing vocabularies: its bytes of text (:func:`token_bytes`), or for a
+    special or added token its string (a ``str``, which never equals the ``bytes`` of a text token)."""
+    keys: list[bytes | str | None] = list(token_bytes(tokenizer))
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for i, tok in zip(sorted(special), tokenizer.convert_ids_to_tokens(sorted(special))):
+        if i < len(keys) and tok:
+            keys[i] = tok
+    return keys
+
+
+def _ids_by_key(keys: list) -> dict:
+    """Each key's ids, the later id first: where a vocabulary spells the same bytes twice (SentencePiece's
+    byte-fallback ``<0x2C>`` beside ``,``), the merged token the tokenizer actually emits comes first."""
+    out: dict = {}
+    for i in range(len(keys) - 1, -1, -1):
+        if keys[i] is not None:
+            out.setdefault(keys[i], []).append(i)
+    return out
+
+
 class VocabularyMap:
     """A teacher's tokenizer beside the student's, and the tokens the two vocabularies share: ids whose
-    tokens stand for the same bytes.
+    tokens stand for the same bytes of text, and special tokens spelled alike (:func:`token_keys`).
 
     ``teacher_ids[j]`` and ``student_ids[j]`` are the j-th shared token in the two vocabularies (the
-    hybrid objective gathers these logit columns). Where a vocabulary spells the same bytes twice
-    (SentencePiece's byte-fallback ``<0x2C>`` beside ``,``), the later id, the merged token the
-    tokenizer actually emits, stands for them. :meth:`matched` compares two tokens' bytes.
+    hybrid objective gathers these logit columns). The ids of one key are paired in order, the
+    merged token first (:func:`_ids_by_key`): a byte-fallback spelling is shared only where the
+    other vocabulary spells those bytes twice too. So one tokenizer on both sides shares every id
+    with itself. :meth:`matched` compares two tokens' keys.
     """
 
     def __init__(self, teacher_tokenizer, student_tokenizer):
         self.teacher_tokenizer = teacher_tokenizer  # the data encodes each record with it too
-        self.teacher_bytes, self.student_bytes = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
-        self.teacher_size = len(self.teacher_bytes)  # the teacher's logits kept (padded rows past it are no token)
-        by_bytes = {b: i for i, b in enumerate(self.student_bytes) if b is not None}
-        teacher_of = {b: i for i, b in enumerate(self.teacher_bytes) if b is not None and b in by_bytes}
-        pairs = sorted((t, by_bytes[b]) for b, t in teacher_of.items())
+        self.teacher_keys, self.student_keys = token_keys(teacher_tokenizer), token_keys(student_tokenizer)
+        self.teacher_size = len(self.teacher_keys)  # the teacher's logits kept (padded rows past it are no token)
+        student_of = _ids_by_key(self.student_keys)
+        pairs = sorted(pair for key, ids in _ids_by_key(self.teacher_keys).items() for pair in zip(ids, student_of.get(key, ())))
         self.teacher_ids = torch.tensor([t for t, _ in pairs], dtype=torch.long)
         self.student_ids = torch.tensor([s for _, s in pairs], dtype=torch.long)
         self._on_device: dict[str, tuple[Tensor, Tensor]] = {}
@@ -196,9 +220,9 @@ class VocabularyMap:
         return len(self.teacher_ids)
 
     def matched(self, teacher_id: int, student_id: int) -> bool:
-        """Whether the two tokens stand for the same text (special tokens never do)."""
-        b = self.teacher_bytes[teacher_id] if teacher_id < len(self.teacher_bytes) else None
-        return b is not None and student_id < len(self.student_bytes) and self.student_bytes[student_id] == b
+        """Whether the two tokens stand for the same thing: the same bytes of text, or special tokens spelled alike."""
+        key = self.teacher_keys[teacher_id] if teacher_id < len(self.teacher_keys) else None
+        return key is not None and student_id < len(self.student_keys) and self.student_keys[student_id] == key
 
     def to(self, device) -> tuple[Tensor, Tensor]:
         """The shared ids on ``device``, copied there once (every training step asks for them)."""
