@@ -39,6 +39,12 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is whole in torch.save's format (a zip archive, whose directory is written last: a
+    file cut short has none). Checked before the models are built, not found by torch.load after them."""
+    return zipfile.is_zipfile(path)
+
+
 def _plain(cfg: DictConfig) -> dict:
     """The config as it decides the run: resolved, with the paths as placeholders, so that values
     made from them (the checkpoint folder, the trainer's root) do not differ when a folder moves."""
@@ -97,7 +103,7 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
         path = Path(cfg.ckpt_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint file")
-        if not zipfile.is_zipfile(path):  # torch.save's format: found now, not after the models are built
+        if not is_checkpoint(path):
             raise ValueError(f"ckpt_path={cfg.ckpt_path} is not a PyTorch checkpoint (a run's checkpoints/*.ckpt)")
         # <run>/checkpoints/<name>.ckpt: the config of the run that wrote it, when it is there
         origin = state_dir(path.resolve().parent.parent) / "config.yaml"
@@ -120,6 +126,13 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
     if last is None:
         log.info("resume=auto: %s has no checkpoint yet; starting the run", out_dir)
         return None
+    if not is_checkpoint(last):
+        others = sorted(str(p) for p in Path(out_dir).glob("**/*.ckpt") if p != last and is_checkpoint(p))
+        fix = f"continue from another with ckpt_path= (here: {', '.join(others)})" if others else "delete it to start the run again"
+        raise ValueError(
+            f"resume=auto: {last} is damaged, not a complete PyTorch checkpoint (a write cut short, e.g. by a full disk "
+            f"or an earlier kdlab without atomic checkpoint writes); {fix}"
+        )
     if saved.is_file():
         check_same_config(saved, cfg, f"resume=auto: the run in {out_dir}")
     log.info("Resuming %s from %s", out_dir, last)

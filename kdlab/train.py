@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdlab import resolvers, teacher_cache  # noqa: F401  (resolvers: registered on import)
 from kdlab.build import build_model, build_tokenizers
+from kdlab.callbacks.checkpoint import atomic_checkpoints
 from kdlab.callbacks.throughput import Throughput
 from kdlab.errors import USER_ERROR, missing_plugin, show_user_error
 from kdlab.losses.base import needs_of
@@ -119,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     save_config(cfg, out_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **counted_in_optimiser_steps(cfg.trainer))
+    atomic_checkpoints(trainer)  # a write cut short (a full disk) never replaces a good checkpoint by a truncated one
     if "SLURM_JOB_ID" not in os.environ:
         # pre-emption by SIGUSR1 (batch systems other than SLURM, whose requeue Lightning handles) as SIGTERM
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

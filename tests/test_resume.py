@@ -172,3 +172,71 @@ def test_a_run_folder_saved_with_resolved_paths_still_resumes(tiny_cfg, tmp_path
     again = tiny_cfg("trainer.max_steps=3", "resume=auto")
     again.paths.output_dir = str(tmp_path / "run")
     assert run(again)
+
+
+# -- checkpoints are written atomically; a damaged one is refused by resume=auto -------------------------
+def _full_disk_at(step, written):
+    """torch.save that records where it writes and, for the checkpoint of ``step``, writes a part of it and fails as a full disk does."""
+    import errno
+
+    import torch
+
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "global_step" in obj:
+            written.append(getattr(f, "name", f))
+            if obj["global_step"] == step:
+                f.write(b"PK\x03\x04" + b"\0" * 100)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    return save
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import torch
+
+    from kdlab.callbacks.checkpoint import AtomicCheckpointIO
+    from kdlab.resume import is_checkpoint
+
+    path, written = tmp_path / "checkpoints" / "last.ckpt", []
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3, "w": torch.ones(2)}, path)
+    monkeypatch.setattr(torch, "save", _full_disk_at(6, written))
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 6, "w": torch.zeros(2)}, path)
+    assert written == [str(path.with_name(f".last.ckpt.tmp-{os.getpid()}"))]  # beside its target, then renamed over it
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"] and is_checkpoint(path)  # no temporary file left
+    assert torch.load(path, weights_only=False)["global_step"] == 3
+
+
+def test_a_full_disk_at_a_checkpoint_during_training_keeps_the_previous_ones(tiny_cfg, monkeypatch):
+    import torch
+
+    written = []
+    monkeypatch.setattr(torch, "save", _full_disk_at(6, written))
+    cfg = tiny_cfg("trainer.max_steps=6", "trainer.val_check_interval=3")
+    with pytest.raises(OSError, match="No space left"):
+        run(cfg)
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    # the run's checkpoints went through the atomic writer (Lightning's own copies a buffer onto the path)
+    assert written and all(isinstance(w, str) and Path(w).parent == folder and Path(w).name.startswith((".best.ckpt.tmp-", ".last.ckpt.tmp-")) for w in written)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    for name in ("best.ckpt", "last.ckpt"):
+        assert torch.load(folder / name, weights_only=False)["global_step"] == 3  # the validation before the full disk
+
+
+def test_resume_auto_refuses_a_damaged_last_checkpoint_naming_it_and_the_fix(tiny_cfg, tmp_path, monkeypatch):
+    first = tiny_cfg("trainer.max_steps=3")
+    first.paths.output_dir = str(tmp_path / "run")
+    run(first)
+    last, best = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "best.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut short, as by a full disk or a kill
+    monkeypatch.setattr("kdlab.train.build_model", lambda *a: pytest.fail("a model was built before the refusal"))
+    again = tiny_cfg("trainer.max_steps=3", "resume=auto")
+    again.paths.output_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"resume=auto: {last} is damaged, not a complete PyTorch checkpoint.*ckpt_path= \(here: {best}\)"):
+        run(again)
+    best.unlink()
+    with pytest.raises(ValueError, match=r"last.ckpt is damaged.*delete it to start the run again"):
+        run(again)
