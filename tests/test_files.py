@@ -157,6 +157,26 @@ def test_held_out_splits_are_per_domain_deterministic_and_disjoint(tmp_path, gpt
         FilesDataModule(gpt2, train=path, val=write_jsonl(tmp_path / "extra.jsonl", only_val))
 
 
+def test_a_few_held_out_records_that_copy_training_records_are_said(tmp_path, gpt2, caplog):
+    """Duplicates in a dataset: a domain whose held-out records are only partly copies is kept, with a warning."""
+    rows = [{"prompt": f"Q{i}:", "response": f" {i}", "domain": "ab"[i % 2]} for i in range(20)]
+    fresh = [{"prompt": f"Q{i}:", "response": f" {i}", "domain": "ab"[i % 2]} for i in range(100, 102)]
+    with caplog.at_level(logging.WARNING):
+        dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "d.jsonl", rows), val=write_jsonl(tmp_path / "v.jsonl", [rows[0], *fresh]))
+    assert len(dm.records["val"]) == 3
+    assert "1 data.val record(s) are copies of training records ({'a': 1})" in caplog.text
+    assert "data.test record(s) are copies" not in caplog.text  # held out of data.train: disjoint
+
+
+def test_a_parquet_domain_column_of_structs_is_refused_naming_it(tmp_path, gpt2):
+    import datasets
+
+    path = tmp_path / "s.parquet"
+    datasets.Dataset.from_list([{"text": f"record {i}", "domain": {"name": "ab"[i % 2]}} for i in range(8)]).to_parquet(str(path))
+    with pytest.raises(ValueError, match=r"s.parquet, row 0: a domain must be a string, got dict \"\{'name': 'a'\}\""):
+        FilesDataModule(gpt2, train=str(path))
+
+
 def test_too_long_records_lose_their_prompt_from_the_left_or_are_dropped_and_counted(tmp_path, gpt2, caplog):
     rows = [
         {"prompt": "word " * 30, "response": " kept whole"},  # truncated: 31 + 3 tokens > 16
