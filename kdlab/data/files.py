@@ -47,7 +47,7 @@ FORMATS = ("messages", "prompt_response", "text")
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 TEXT_FORMATS = (".jsonl", ".json", ".csv")  # read as text: a decoding error is located line by line
 ROLES = ("system", "user", "assistant", "tool")
-RECIPE_VERSION = 4  # bump when the encoding below changes: cached tokenisations are then rebuilt
+RECIPE_VERSION = 5  # bump when the encoding below changes: cached tokenisations are then rebuilt
 STATUSES = ("ok", "truncated", "dropped")  # what truncation did to a record, from least to most
 TURN_MARKER = "\ue000kdlab-turn\ue001"  # private-use characters: in no real conversation
 
