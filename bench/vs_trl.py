@@ -34,7 +34,9 @@ tokenizer, one training batch of the suite; the speed does not depend on the wei
   ``beta=0`` is ``KL(teacher‖student)`` (forward KL, kdlab's ``fkl``), ``beta=0.5`` the
   Jensen–Shannon divergence with the mixture 0.5·p + 0.5·q (kdlab's ``jsd``, whose β has the
   same meaning). Sampling: ``temperature=1.0`` (TRL's default is 0.9; set to kdlab's), top-k off,
-  top-p 1, KV cache on, ``max_new_tokens`` = kdlab's (the data module's), the same <eos>/pad ids.
+  top-p 1, KV cache on (``gradient_checkpointing=False``: TRL's configs default to True, which
+  turns its KV cache off and recomputes the forward in the backward; ``--trl-defaults`` keeps that),
+  ``max_new_tokens`` = kdlab's (the data module's), the same <eos>/pad ids.
   TRL's default collator (``DataCollatorForChatML``) needs a chat template, which the suite's
   tokenizer has none of; the trainer is given a collator that lays out kdlab's very tokens the way
   ``DataCollatorForChatML`` does (left-padded ``input_ids``/``attention_mask``/``labels`` with
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: steady timings on a shared machine)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--cache-k", type=int, default=32, help="teacher_cache.k of the cached off-policy rows")
+    parser.add_argument("--trl-defaults", action="store_true", help="TRL's default gradient_checkpointing=True (no KV cache in its sampling)")
     parser.add_argument("--real", metavar="CHAT", default=None, help="the real tier's pair on a messages JSONL (see above)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="on-policy sample length, both sides (default: the data's longest answer + <eos>)")
     args = parser.parse_args()
@@ -245,6 +248,10 @@ def main() -> None:
             logging_strategy="no",
             save_strategy="no",
             use_cpu=args.device == "cpu",
+            # TRL's configs default to gradient checkpointing, which recomputes the forward in the
+            # backward and turns the KV cache off in its generation; kdlab checkpoints nothing, so the
+            # comparison turns it off (--trl-defaults keeps TRL's default)
+            gradient_checkpointing=args.trl_defaults,
             bf16=False,
             fp16=False,
             seed=0,
@@ -290,7 +297,8 @@ def main() -> None:
         f"teacher_mix={r.teacher_mix}, temperature={r.temperature}, top_p={r.top_p}, top_k={r.top_k}, max_new_tokens={r.max_new_tokens}, "
         f"use_cache={r.use_cache}, num_rollouts={r.num_rollouts}, epochs={r.epochs}); onpolicy(jsd) adds loss.base=jsd; loss=fkl, loss=jsd as configured"
     )
-    print(f"TRL: GKDConfig(lmbda, beta, temperature=1.0, max_new_tokens={max_new_tokens}, seq_kd=False, disable_dropout=True); same AdamW(lr={args.lr}) on both sides")
+    print(f"TRL: GKDConfig(lmbda, beta, temperature=1.0, max_new_tokens={max_new_tokens}, seq_kd=False, disable_dropout=True, "
+          f"gradient_checkpointing={args.trl_defaults}); same AdamW(lr={args.lr}) on both sides")
     print("tokens = labelled tokens per step (positions whose next token reaches the divergence), mean over the steps")
     print(f"{'step':<24} {'tokens/step':>11} {'ms/step':>9} {'tokens/s':>10}")
     for k in fns:
