@@ -26,14 +26,19 @@ def default_config(*overrides: str):
     return cfg
 
 
+def real_models(cfg):
+    """``cfg``'s tokenizer, teacher and student (eval mode): for model=smollm2, SmolLM2-135M-Instruct and its pruned student."""
+    tokenizer = instantiate(cfg.model.tokenizer)
+    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).eval()
+    student = instantiate(cfg.model.student, tokenizer=tokenizer).eval()
+    return tokenizer, teacher, student
+
+
 def real_pair():
     """The real tier (experiment=real): tokenizer, data, SmolLM2-135M-Instruct and its pruned student (eval mode)."""
     cfg = default_config("experiment=real", "trainer.accelerator=cpu")
-    tokenizer = instantiate(cfg.model.tokenizer)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    teacher = instantiate(cfg.model.teacher, tokenizer=tokenizer).eval()
-    student = instantiate(cfg.model.student, tokenizer=tokenizer).eval()
-    return tokenizer, datamodule, teacher, student
+    tokenizer, teacher, student = real_models(cfg)
+    return tokenizer, instantiate(cfg.data, tokenizer=tokenizer), teacher, student
 
 
 def default_pair_and_batch(cfg, device: str):

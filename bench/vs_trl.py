@@ -66,7 +66,7 @@ import warnings
 import torch
 from hydra.utils import instantiate
 
-from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_pair
+from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_models
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
@@ -108,8 +108,8 @@ class StandaloneModule(DistillModule):
 def real_pair_and_batch(chat: str, batch_size: int, device: str):
     """The real tier's tokenizer, teacher and pruned student, a ``data=files`` module over ``chat`` and
     the batch of its first ``batch_size`` training records (in file order: the same tokens every run)."""
-    tokenizer, _, teacher, student = real_pair()
     cfg = default_config("model=smollm2", "data=files", f"data.train={chat}", f"data.batch_size={batch_size}", "data.max_length=512")
+    tokenizer, teacher, student = real_models(cfg)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     batch = datamodule._train_collate(datamodule._dataset("train")[:batch_size])  # as a training loader lays it out
     batch = {k: v.to(device) for k, v in batch.items()}

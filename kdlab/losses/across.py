@@ -83,6 +83,7 @@ class AcrossTokenizers:
         self.ce_weight, self.weight = ce_weight, weight
         self.student_temperature, self.teacher_temperature, self.temperature = student_temperature, teacher_temperature, temperature
         self.chunk_size = check_chunk_size(chunk_size)
+        self.cross_entropy = CrossEntropy(self.chunk_size)  # loss=ce's own computation, chunked alike
         # the teacher cache serves ULD (sorted probabilities need no ids beyond its top-k); the hybrid's
         # divergence reads the teacher over the whole shared vocabulary, so it needs the dense teacher
         self.needs = Needs(teacher=True, aligned=True, sparse_teacher=divergence is None, teacher_temperature=teacher_temperature)
@@ -107,8 +108,8 @@ class AcrossTokenizers:
                 per_token[0, rows[picked]] += self.weight * out.per_token.reshape(-1).to(dtype)
             logs["kd"] = kd.detach()
             loss = loss + self.weight * kd
-        if self.ce_weight > 0:  # loss=ce's own computation, chunked alike
-            ce = CrossEntropy(self.chunk_size)(KDBatch(student_logits=student, teacher_logits=None, labels=batch.labels, num_tokens=num_tokens))
+        if self.ce_weight > 0:
+            ce = self.cross_entropy(KDBatch(student_logits=student, teacher_logits=None, labels=batch.labels, num_tokens=num_tokens))
             logs["ce"] = ce.loss.detach()
             loss = loss + self.ce_weight * ce.loss
             per_token = per_token + self.ce_weight * ce.per_token.to(dtype)

@@ -89,7 +89,6 @@ class SparseTeacher:
         return values / self.temperature - self.log_norm.to(values.dtype).unsqueeze(-1)
 
 
-
 def sparse_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> SparseTeacher:
     """The sparse view of dense teacher logits (..., V): what the cache stores, and the tests' reference.
 
