@@ -11,15 +11,20 @@ in the cache. Prints records/s of both and their ratio. Needs the dev extras (re
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="kdlab-bench-datasets-")  # an empty cache, before datasets loads
+# an empty cache, set before datasets loads, and removed at exit with the generated data
+SCRATCH = tempfile.mkdtemp(prefix="kdlab-bench-datasets-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["HF_DATASETS_CACHE"] = str(Path(SCRATCH) / "datasets")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     tok = family_tokenizer(args.family)
     rng = random.Random(0)
-    path = Path(tempfile.mkdtemp()) / "chat.jsonl"
+    path = Path(SCRATCH) / "chat.jsonl"
     makers = (arithmetic, capitals, explain)
     if args.family != "qwen2":  # no chat template: the same data as prompt/response records
         rows = [make(rng) for make in makers for _ in range(args.records // 3)]

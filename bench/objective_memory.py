@@ -174,9 +174,13 @@ def main() -> None:
         print(json.dumps(measure(name, args.rows, int(vocab), chunk, device, mode, args.hidden, args.prompt_fraction, args.real_file)))
         return
     if args.real:
+        import atexit
+        import shutil
         import tempfile
 
-        args.real_file = str(Path(tempfile.mkdtemp(prefix="kdlab-real-")) / "inputs.pt")
+        scratch = tempfile.mkdtemp(prefix="kdlab-real-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the inputs file is ~230 MB
+        args.real_file = str(Path(scratch) / "inputs.pt")
         # in a process of its own: a measurement process starts with the peak RSS of the process it is
         # forked from (Linux keeps the high-water mark across exec), so this one must never hold the models
         subprocess.run([sys.executable, "-m", "bench.objective_memory", "--rows", str(args.rows), "--gather-real", args.real_file],

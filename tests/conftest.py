@@ -1,6 +1,8 @@
 """Shared fixtures: the real Hydra config, shrunk to tiny models and data (lightning-hydra-template style)."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -18,8 +20,11 @@ from kdlab import CONF_DIR  # noqa: E402,F401  (tests import it from here)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-# tokenised data files are cached by `datasets`; the tests keep that cache out of the user's
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="kdlab-datasets-"))
+# tokenised data files are cached by `datasets`; the tests keep that cache out of the user's, and
+# remove it at exit (every pytest process would otherwise leave one behind in the temp folder)
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="kdlab-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 # Tiny teacher/student, a few steps, a small suite: a whole run takes seconds.
 TINY = [

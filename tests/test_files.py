@@ -168,6 +168,22 @@ def test_a_few_held_out_records_that_copy_training_records_are_said(tmp_path, gp
     assert "data.test record(s) are copies" not in caplog.text  # held out of data.train: disjoint
 
 
+def test_held_out_records_are_distinct_and_their_copies_leave_training(tmp_path, gpt2):
+    """A dataset with many copies (a template generator's, say): a held-out record's copies are not
+    trained on and not held twice, so the held-out splits never score memorised records."""
+    rows = [{"prompt": f"Q{i % 12}:", "response": f" {i % 12}", "domain": "ab"[i % 2]} for i in range(240)]  # 6 distinct per domain, 20 copies each
+    dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "d.jsonl", rows), holdout_fraction=0.2)
+    train = {r.input_ids for r in dm.records["train"]}
+    for split in ("val", "test"):
+        held = [r.input_ids for r in dm.records[split]]
+        assert len(held) == len(set(held)) == 2  # one distinct record per domain: round(0.2 * 6)
+        assert not train & set(held)
+    assert len(dm.records["train"]) == 240 - 4 * 20  # every copy of the 4 held-out records left training
+    one_distinct = [{"text": "same", "domain": "a"}] * 5 + [{"text": f"x{i}", "domain": "b"} for i in range(5)]
+    with pytest.raises(ValueError, match=r"domain 'a' has 1 distinct training record\(s\) \(5 in all\): too few to hold out"):
+        FilesDataModule(gpt2, train=str(write_jsonl(tmp_path / "one.jsonl", one_distinct)))
+
+
 def test_a_parquet_domain_column_of_structs_is_refused_naming_it(tmp_path, gpt2):
     import datasets
 
@@ -277,8 +293,8 @@ def test_domain_without_validation_records_is_named(tmp_path, gpt2):
     val = write_jsonl(tmp_path / "v.jsonl", [{"text": "y", "domain": "a"}])
     with pytest.raises(ValueError, match=r"domain\(s\) \['b'\] have training records but no val records \(.*v.jsonl\)"):
         FilesDataModule(gpt2, train=str(train), val=str(val))
-    tiny = write_jsonl(tmp_path / "tiny.jsonl", [{"text": "x", "domain": "a"}] * 4 + [{"text": "y", "domain": "b"}])
-    with pytest.raises(ValueError, match=r"domain 'b' has 1 training record\(s\): too few to hold out"):
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", [{"text": f"x{i}", "domain": "a"} for i in range(4)] + [{"text": "y", "domain": "b"}])
+    with pytest.raises(ValueError, match=r"domain 'b' has 1 distinct training record\(s\) \(1 in all\): too few to hold out"):
         FilesDataModule(gpt2, train=str(tiny))
 
 

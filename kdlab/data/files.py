@@ -421,22 +421,34 @@ def pack(records: list[Record], max_length: int) -> list[Record]:
 
 
 def hold_out(records: list[Record], fraction: float, limit: int, seed: int, name: str) -> tuple[list[Record], list[Record]]:
-    """Split ``fraction`` of each domain's records off (at least 1, at most ``limit``), deterministically from ``seed``."""
+    """Split ``fraction`` of each domain's records off (at least 1, at most ``limit``), deterministically from ``seed``.
+
+    A held-out record is one *distinct* tokenisation: its copies leave training with it (and are not held
+    twice), so held-out metrics never score a record the model trained on. Without copies this is a plain
+    shuffled split."""
     by_domain: dict[str, list[Record]] = {}
     for r in records:
         by_domain.setdefault(r.domain, []).append(r)
     kept, held = [], []
     for domain, items in sorted(by_domain.items()):
-        if len(items) < 2:
+        distinct = len({r.input_ids for r in items})
+        if distinct < 2:
             raise ValueError(
-                f"domain {domain!r} has {len(items)} training record(s): too few to hold out {name} data from; "
-                f"give data.{name} explicitly or add records"
+                f"domain {domain!r} has {distinct} distinct training record(s) ({len(items)} in all): too few to hold out "
+                f"{name} data from; give data.{name} explicitly or add records"
             )
         order = list(range(len(items)))
         random.Random(f"{seed}-{name}-{domain}").shuffle(order)
-        n = min(max(1, round(fraction * len(items))), limit, len(items) - 1)
-        held += [items[i] for i in sorted(order[:n])]
-        kept += [items[i] for i in sorted(order[n:])]
+        n = min(max(1, round(fraction * distinct)), limit, distinct - 1)
+        chosen, contents = [], set()
+        for i in order:
+            if len(chosen) == n:
+                break
+            if items[i].input_ids not in contents:
+                contents.add(items[i].input_ids)
+                chosen.append(i)
+        held += [items[i] for i in sorted(chosen)]
+        kept += [r for r in items if r.input_ids not in contents]
     return kept, held
 
 
