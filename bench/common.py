@@ -52,13 +52,17 @@ def default_pair_and_batch(cfg, device: str):
     return tokenizer, teacher, student, batch
 
 
-def timed(fn, device: str) -> float:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a clock reading counts it."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    sync(device)
     start = time.perf_counter()
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
 
 

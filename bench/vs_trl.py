@@ -61,12 +61,14 @@ import argparse
 import copy
 import logging
 import os
+import statistics
+import time
 import warnings
 
 import torch
 from hydra.utils import instantiate
 
-from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_models
+from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_models, sync
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
@@ -103,6 +105,20 @@ class StandaloneModule(DistillModule):
             datamodule = self._bench_datamodule
 
         return _Shim()
+
+
+def timing(fn, times: list[float], device: str):
+    """``fn`` that also appends each call's seconds to ``times`` (the sampling share of a step)."""
+
+    def timed_fn(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        return out
+
+    return timed_fn
 
 
 def real_pair_and_batch(chat: str, batch_size: int, device: str):
@@ -199,6 +215,7 @@ def main() -> None:
     }
     cached = {f"{name} cached": name for name in ("fkl", "jsd")}  # the same losses on the cached teacher view
     tokens: dict[str, list[int]] = {}
+    sampling: dict[str, list[float]] = {}  # seconds of each on-policy step spent sampling (warm-up steps included)
     fns = {}
 
     # -- kdlab ----------------------------------------------------------------------------------
@@ -212,7 +229,9 @@ def main() -> None:
         module = StandaloneModule(copy.deepcopy(student), teacher, loss, tokenizer, datamodule=datamodule, teacher_signals=signals).train()
         optimizer = torch.optim.AdamW(module.student.parameters(), lr=args.lr)
         key = f"kdlab {name}"
-        tokens[key] = []
+        tokens[key], sampling[key] = [], []
+        if hasattr(module.step, "buffer"):  # a rollout step: its sampler, looked up on the instance at each step
+            module.step._sample = timing(module.step._sample, sampling[key], args.device)
 
         def run(module=module, optimizer=optimizer, key=key, step_batch=batch):
             loss = module.training_step(step_batch, 0)
@@ -271,7 +290,9 @@ def main() -> None:
         trainer.optimizer = optimizer
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop, which is not run here
         key = f"TRL {name}"
-        tokens[key] = []
+        tokens[key], sampling[key] = [], []
+        if lmbda > 0:  # GKDTrainer samples with the student's own generate()
+            trainer.model.generate = timing(trainer.model.generate, sampling[key], args.device)
 
         def run(trainer=trainer, optimizer=optimizer, key=key, inputs=inputs):
             step_inputs = dict(inputs)  # GKDTrainer replaces input_ids/attention_mask/labels in place on a student-sample step
@@ -300,9 +321,14 @@ def main() -> None:
     print(f"TRL: GKDConfig(lmbda, beta, temperature=1.0, max_new_tokens={max_new_tokens}, seq_kd=False, disable_dropout=True, "
           f"gradient_checkpointing={args.trl_defaults}); same AdamW(lr={args.lr}) on both sides")
     print("tokens = labelled tokens per step (positions whose next token reaches the divergence), mean over the steps")
-    print(f"{'step':<24} {'tokens/step':>11} {'ms/step':>9} {'tokens/s':>10}")
+    print("sampling = median ms per step in the sampler (kdlab's rollout sampler, TRL's model.generate), on-policy rows")
+    print(f"{'step':<24} {'tokens/step':>11} {'ms/step':>9} {'tokens/s':>10} {'sampling':>9} {'share':>6}")
     for k in fns:
-        print(f"{k:<24} {sum(tokens[k]) / len(tokens[k]):>11.1f} {t[k] * 1e3:>9.2f} {rate[k]:>10.0f}")
+        line = f"{k:<24} {sum(tokens[k]) / len(tokens[k]):>11.1f} {t[k] * 1e3:>9.2f} {rate[k]:>10.0f}"
+        if sampling[k]:
+            ms = statistics.median(sampling[k]) * 1e3
+            line += f" {ms:>9.2f} {ms / (t[k] * 1e3):>6.0%}"
+        print(line)
     print(f"\n{'kdlab / TRL tokens/s':<58} {'ratio':>6}  goal")
     pairs = (
         ("on-policy  onpolicy(fkl) vs lmbda=1 beta=0", "kdlab onpolicy(fkl)", "TRL lmbda=1 beta=0", ">= 1.50"),

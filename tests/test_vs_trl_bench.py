@@ -41,3 +41,10 @@ def test_missing_trl_is_a_message_not_an_error(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["vs_trl"])
     vs_trl.main()
     assert "not importable" in capsys.readouterr().out
+
+
+def test_the_sampling_timer_passes_calls_through_and_records_one_time_each():
+    times = []
+    fn = vs_trl.timing(lambda a, b=0: a + b, times, "cpu")
+    assert fn(2, b=3) == 5 and fn(1) == 1
+    assert len(times) == 2 and all(t >= 0 for t in times)
