@@ -53,6 +53,10 @@ Tokens counted, the same way for both: the labelled tokens of the step, i.e. the
 next token reaches the divergence (the batch's answer tokens + <eos> off-policy; the sampled
 tokens up to and including the first <eos> on-policy). On-policy the count varies from step to
 step (sampling), so tokens/s = mean labelled tokens per step / median step time.
+
+On-policy rows also show the median time per step spent sampling (inside kdlab's rollout sampler,
+inside TRL's ``model.generate``) and its share of the step: the rest is forwards, backward, loss
+and optimiser, so the two columns tell where one tool gains on the other.
 """
 
 from __future__ import annotations
