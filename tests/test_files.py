@@ -168,11 +168,13 @@ def test_a_few_held_out_records_that_copy_training_records_are_said(tmp_path, gp
     assert "data.test record(s) are copies" not in caplog.text  # held out of data.train: disjoint
 
 
-def test_held_out_records_are_distinct_and_their_copies_leave_training(tmp_path, gpt2):
+def test_held_out_records_are_distinct_and_their_copies_leave_training(tmp_path, gpt2, caplog):
     """A dataset with many copies (a template generator's, say): a held-out record's copies are not
     trained on and not held twice, so the held-out splits never score memorised records."""
     rows = [{"prompt": f"Q{i % 12}:", "response": f" {i % 12}", "domain": "ab"[i % 2]} for i in range(240)]  # 6 distinct per domain, 20 copies each
-    dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "d.jsonl", rows), holdout_fraction=0.2)
+    with caplog.at_level(logging.INFO, logger="kdlab"):
+        dm = FilesDataModule(gpt2, train=write_jsonl(tmp_path / "d.jsonl", rows), holdout_fraction=0.2)
+    assert "data.val of domain 'a': 19 copies of its held-out records left data.train with them" in caplog.text
     train = {r.input_ids for r in dm.records["train"]}
     for split in ("val", "test"):
         held = [r.input_ids for r in dm.records[split]]

@@ -448,7 +448,11 @@ def hold_out(records: list[Record], fraction: float, limit: int, seed: int, name
                 contents.add(items[i].input_ids)
                 chosen.append(i)
         held += [items[i] for i in sorted(chosen)]
-        kept += [r for r in items if r.input_ids not in contents]
+        kept_here = [r for r in items if r.input_ids not in contents]
+        copies = len(items) - len(kept_here) - len(chosen)
+        if copies:
+            log.info("data.%s of domain %r: %d copies of its held-out records left data.train with them", name, domain, copies)
+        kept += kept_here
     return kept, held
 
 
