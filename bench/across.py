@@ -108,7 +108,6 @@ def cost(repeats: int, records: int, device: str = "cpu", bf16: bool = False, ba
 
     cuda = device.startswith("cuda")
     torch.manual_seed(0)
-    torch.set_num_threads(torch.get_num_threads())
     cfg = default_config(*cost_overrides(batch_size, max_length, records_per_domain, random_teacher))
     teacher_tok = instantiate(cfg.model.tokenizer)
     if random_teacher:

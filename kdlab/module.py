@@ -26,7 +26,6 @@ from kdlab.preflight import check_optimisation
 from kdlab.steps import choose_step
 
 
-
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
     if step < warmup_steps:
