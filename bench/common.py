@@ -58,12 +58,25 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timing(fn, times: list[float], device: str):
+    """``fn`` that also appends each call's seconds to ``times`` (device work included)."""
+
+    def timed_fn(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        return out
+
+    return timed_fn
+
+
 def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
+    """Seconds of one call of ``fn``."""
+    times: list[float] = []
+    timing(fn, times, device)()
+    return times[0]
 
 
 def interleaved_medians(fns: dict, device: str, repeats: int, warmup: int = 3) -> dict[str, float]:

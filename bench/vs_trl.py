@@ -66,13 +66,12 @@ import copy
 import logging
 import os
 import statistics
-import time
 import warnings
 
 import torch
 from hydra.utils import instantiate
 
-from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_models, sync
+from bench.common import default_config, default_pair_and_batch, interleaved_medians, real_models, timing
 from kdlab.losses.base import IGNORE_INDEX
 from kdlab.losses.sparse import sparse_teacher
 from kdlab.module import DistillModule
@@ -109,20 +108,6 @@ class StandaloneModule(DistillModule):
             datamodule = self._bench_datamodule
 
         return _Shim()
-
-
-def timing(fn, times: list[float], device: str):
-    """``fn`` that also appends each call's seconds to ``times`` (the sampling share of a step)."""
-
-    def timed_fn(*args, **kwargs):
-        sync(device)
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sync(device)
-        times.append(time.perf_counter() - start)
-        return out
-
-    return timed_fn
 
 
 def real_pair_and_batch(chat: str, batch_size: int, device: str):

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from bench import vs_trl
+from bench import common, vs_trl
 from kdlab.losses.base import IGNORE_INDEX
 
 
@@ -45,6 +45,6 @@ def test_missing_trl_is_a_message_not_an_error(monkeypatch, capsys):
 
 def test_the_sampling_timer_passes_calls_through_and_records_one_time_each():
     times = []
-    fn = vs_trl.timing(lambda a, b=0: a + b, times, "cpu")
+    fn = common.timing(lambda a, b=0: a + b, times, "cpu")
     assert fn(2, b=3) == 5 and fn(1) == 1
     assert len(times) == 2 and all(t >= 0 for t in times)
